@@ -1,0 +1,49 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Everything runs inside .venv.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA ?= data/phantom
+DEMO_OUT ?= outputs/demo
+DEMO_STUDIES ?= 40
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+export MPLBACKEND := Agg
+
+.PHONY: demo test test-fast install data lab bench clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade --quiet pip
+	$(VPY) -m pip install --quiet -r requirements.txt
+	$(VPY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rsna-ich .venv)" >/dev/null
+	touch $(STAMP)
+
+data: $(DEMO_DATA)/stage_2_train.csv
+
+$(DEMO_DATA)/stage_2_train.csv: | $(STAMP)
+	$(VPY) -m lib.phantom --out $(DEMO_DATA) --studies $(DEMO_STUDIES) --seed 0
+
+demo: $(STAMP) data
+	$(VPY) -m lib.run params/demo.yaml --data $(DEMO_DATA) --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(VPY) -m pytest
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -m "not slow"
+
+lab: $(STAMP)
+	$(VPY) -m ipykernel install --user --name rsna-ich --display-name "RSNA ICH (.venv)"
+	$(VENV)/bin/jupyter lab --notebook-dir=.
+
+bench: $(STAMP) data
+	$(VPY) -m lib.bench preprocess --data $(DEMO_DATA)
+	$(VPY) -m lib.bench loader
+	$(VPY) -m lib.bench sequence
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

@@ -1,0 +1,200 @@
+"""Every path in one place: the competition data folder, a run's artefact layout, and Kaggle kernel detection.
+
+Notebooks never invent paths: they receive `data_dir` and `run_dir` from the runner and ask this module.
+Downstream stages find upstream artefacts through `RunPaths.lookup(name)`, never by globbing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+PathLike = Union[str, Path]
+
+COMPETITION = "rsna-intracranial-hemorrhage-detection"
+
+
+def on_kaggle() -> bool:
+    """True inside a Kaggle kernel (Kaggle sets KAGGLE_KERNEL_RUN_TYPE)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def kaggle_input_root() -> Path:
+    """Root of attached datasets: /kaggle/input, or $KAGGLE_INPUT_ROOT (used by the offline-kernel test)."""
+    return Path(os.environ.get("KAGGLE_INPUT_ROOT", "/kaggle/input"))
+
+
+def kaggle_working_dir() -> Path:
+    """Writable working directory of a Kaggle kernel, or $KAGGLE_WORKING_DIR."""
+    return Path(os.environ.get("KAGGLE_WORKING_DIR", "/kaggle/working"))
+
+
+def attached_dataset(slug: str) -> Path:
+    """Folder of an attached Kaggle dataset `slug` (`owner/name` or `name`) under the input root."""
+    path = kaggle_input_root() / slug.split("/")[-1]
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset {slug!r} is not attached: {path} does not exist")
+    return path
+
+
+def resolve_data_dir(data_dir: Optional[PathLike]) -> Path:
+    """The competition data folder: the given one, else the attached competition on Kaggle."""
+    if data_dir:
+        return Path(data_dir).expanduser().resolve()
+    if on_kaggle():
+        return kaggle_input_root() / COMPETITION
+    raise ValueError("data_dir is empty: pass the folder holding stage_2_train/, stage_2_test/ and the CSVs")
+
+
+@dataclass(frozen=True)
+class CompetitionData:
+    """The Kaggle layout: stage_2_train/ID_*.dcm, stage_2_test/ID_*.dcm, stage_2_train.csv, sample submission."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, data_dir: Optional[PathLike]) -> "CompetitionData":
+        return cls(resolve_data_dir(data_dir))
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "stage_2_train"
+
+    @property
+    def test_dir(self) -> Path:
+        return self.root / "stage_2_test"
+
+    @property
+    def train_labels(self) -> Path:
+        return self.root / "stage_2_train.csv"
+
+    @property
+    def sample_submission(self) -> Path:
+        return self.root / "stage_2_sample_submission.csv"
+
+    def image_dir(self, split: str) -> Path:
+        """`split` is 'train' or 'test'."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return self.train_dir if split == "train" else self.test_dir
+
+    def check(self, need_train: bool = True) -> "CompetitionData":
+        """Raise FileNotFoundError naming every missing piece of the layout."""
+        need = [self.test_dir, self.sample_submission] + ([self.train_dir, self.train_labels] if need_train else [])
+        missing = [str(p) for p in need if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{self.root} is not in the Kaggle layout; missing: {missing}")
+        return self
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write text via a temp file + rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """A run directory's layout. Everything a stage writes goes under `root`."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, run_dir: PathLike) -> "RunPaths":
+        if not run_dir:
+            raise ValueError("run_dir is empty: the runner passes the run directory to every stage")
+        root = Path(run_dir).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    def _dir(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- stage artefacts -------------------------------------------------------------------------------------
+    def index(self, split: str) -> Path:
+        """Header index parquet of a split ('train' / 'test')."""
+        return self._dir("index") / f"{split}.parquet"
+
+    def bad_files(self, split: str) -> Path:
+        return self._dir("index") / f"bad_files_{split}.csv"
+
+    @property
+    def cache_root(self) -> Path:
+        return self._dir("cache")
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.csv"
+
+    def model_dir(self, fold: int, name: str = "cnn") -> Path:
+        """Checkpoints and logs of one fold's model (`fold=-1`: trained on everything -> `all`)."""
+        return self._dir("models", name, "all" if int(fold) < 0 else f"fold{int(fold)}")
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self._dir("embeddings")
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self._dir("predictions")
+
+    @property
+    def figures_dir(self) -> Path:
+        return self._dir("figures")
+
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.json"
+
+    # -- artefact registry: how downstream stages find upstream outputs ----------------------------------------
+    @property
+    def _artefacts_path(self) -> Path:
+        return self.root / "artefacts.json"
+
+    def record(self, name: str, path: PathLike) -> None:
+        """Record artefact `name` (stored relative to the run dir when inside it)."""
+        reg = self._read_json(self._artefacts_path)
+        path = Path(path).resolve()
+        reg[name] = str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+        atomic_write_text(self._artefacts_path, json.dumps(reg, indent=2, sort_keys=True))
+
+    def lookup(self, name: str) -> Path:
+        """Path of artefact `name` recorded by an upstream stage; a clear error if that stage has not run."""
+        reg = self._read_json(self._artefacts_path)
+        if name not in reg:
+            raise FileNotFoundError(f"artefact {name!r} not recorded in {self._artefacts_path}; "
+                                    f"known: {sorted(reg)} (run the stage that produces it first)")
+        path = Path(reg[name])
+        return path if path.is_absolute() else self.root / path
+
+    # -- metrics.json --------------------------------------------------------------------------------------
+    def update_metrics(self, values: Dict[str, Any]) -> Dict[str, Any]:
+        """Merge `values` into metrics.json (atomic) and return the merged dict."""
+        merged = self._read_json(self.metrics_path)
+        merged.update(values)
+        atomic_write_text(self.metrics_path, json.dumps(merged, indent=2, sort_keys=True))
+        return merged
+
+    def metrics(self) -> Dict[str, Any]:
+        return self._read_json(self.metrics_path)
+
+    @staticmethod
+    def _read_json(path: Path) -> Dict[str, Any]:
+        return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,97 @@
+"""Labels long <-> wide (incl. duplicates and bad CSVs) and the competition metric vs scikit-learn."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import log_loss
+
+from lib import labels as L
+from lib import metrics as M
+
+
+def _long(rows):
+    return pd.DataFrame(rows, columns=["ID", "Label"])
+
+
+def _image_rows(img, vals):
+    return [(f"{img}_{s}", v) for s, v in zip(L.SUBTYPES, vals)]
+
+
+def test_long_wide_round_trip_with_duplicates(tmp_path):
+    rows = _image_rows("ID_aaa", [0, 1, 0, 0, 0, 1]) + _image_rows("ID_bbb", [0] * 6)
+    rows += _image_rows("ID_aaa", [0, 1, 0, 0, 0, 1])  # an exactly duplicated image, as in stage_2_train.csv
+    path = tmp_path / "l.csv"
+    _long(rows).to_csv(path, index=False)
+    wide = L.read_labels(path)
+    assert list(wide.columns) == list(L.SUBTYPES) and list(wide.index) == ["ID_aaa", "ID_bbb"]
+    assert wide.loc["ID_aaa", "intraparenchymal"] == 1 and wide.loc["ID_aaa", "any"] == 1
+    assert wide.dtypes.unique().tolist() == [np.uint8]
+    back = L.wide_to_long(wide)
+    assert len(back) == 12 and back["ID"].iloc[5] == "ID_aaa_any" and back["Label"].iloc[1] == 1
+    assert L.long_to_wide(back).equals(wide.astype(back["Label"].dtype))
+
+
+@pytest.mark.parametrize("rows, match", [
+    (_image_rows("ID_a", [0] * 5), r"lack some of the 6"),
+    ([("ID_a_epidural", 0), ("ID_a_epidural", 1)] + _image_rows("ID_a", [0] * 6)[1:], r"conflicting"),
+    ([("ID_a_sdh", 0)], r"unknown subtypes \['sdh'\]"),
+    ([("noseparator", 0)], r"ID_<image>_<subtype>|unknown subtypes"),
+])
+def test_bad_label_rows(tmp_path, rows, match):
+    path = tmp_path / "bad.csv"
+    _long(rows).to_csv(path, index=False)
+    with pytest.raises(L.LabelsError, match=match):
+        L.read_labels(path)
+
+
+def test_missing_columns_and_file(tmp_path):
+    path = tmp_path / "cols.csv"
+    pd.DataFrame({"ID": ["ID_a_any"], "Target": [1]}).to_csv(path, index=False)
+    with pytest.raises(L.LabelsError, match=r"missing columns \['Label'\]"):
+        L.read_labels(path)
+    with pytest.raises(FileNotFoundError):
+        L.read_labels(tmp_path / "nope.csv")
+
+
+def test_metric_hand_worked_example():
+    y = np.array([[0, 0, 0, 0, 0, 1]], dtype=float)
+    p = np.full((1, 6), 0.5)
+    # every row has loss ln 2 -> weighted mean is ln 2
+    assert M.weighted_log_loss(y, p) == pytest.approx(np.log(2))
+    p = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.9]])
+    expected = (5 * -np.log(0.9) + 2 * -np.log(0.9)) / 7
+    assert M.weighted_log_loss(y, p) == pytest.approx(expected)
+    p2 = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.5]])  # a worse `any` costs twice a subtype
+    worse_any = M.weighted_log_loss(y, p2) - M.weighted_log_loss(y, p)
+    p3 = np.array([[0.5, 0.1, 0.1, 0.1, 0.1, 0.9]])
+    worse_sub = M.weighted_log_loss(np.zeros_like(y) + y, p3) - M.weighted_log_loss(y, p)
+    assert worse_any == pytest.approx(2 * worse_sub)
+
+
+def test_metric_equals_sklearn_flattened_weighted():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 6)) < 0.2).astype(float)
+    p = rng.uniform(0.001, 0.999, (200, 6))
+    w = np.tile(L.WEIGHTS, 200)
+    ref = log_loss(y.ravel(), p.ravel(), sample_weight=w, labels=[0, 1])
+    assert M.weighted_log_loss(y, p) == pytest.approx(ref, rel=1e-9)
+    per = M.per_class_log_loss(y, p)
+    assert per[0] == pytest.approx(log_loss(y[:, 0], p[:, 0], labels=[0, 1]))
+    rep = M.metric_report(y, p, "oof_cnn")
+    assert rep["oof_cnn_logloss"] == pytest.approx(ref) and "oof_cnn_logloss_any" in rep
+
+
+def test_metric_clips_and_rejects_bad_shapes():
+    y = np.ones((1, 6))
+    assert np.isfinite(M.weighted_log_loss(y, np.zeros((1, 6))))
+    assert M.weighted_log_loss(y, np.zeros((1, 6))) == pytest.approx(-np.log(1e-6))
+    with pytest.raises(ValueError, match=r"shape"):
+        M.weighted_log_loss(np.ones((2, 5)), np.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"NaN"):
+        M.weighted_log_loss(y, np.full((1, 6), np.nan))
+
+
+def test_prior_predictions():
+    y = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]])
+    assert np.allclose(M.prior_predictions(y, 3), [[0.5, 0, 0, 0, 0, 0.5]] * 3)
