@@ -1,0 +1,101 @@
+"""A thin layer over `timm.create_model`: 6-output classifiers, local-file pretrained weights, embedding + logits.
+
+Weights are never downloaded: ImageNet/WSL weights come from a local file (a timm/torchvision-style state_dict,
+`.pth` / `.bin` / `.safetensors`) passed as `pretrained_weights`, loaded by timm with the classifier re-initialised
+at `num_classes` outputs.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+from torch import nn
+
+PathLike = Union[str, Path]
+
+#: Readable names -> timm names (and notes). `create_model` accepts either. `solution_mean` / `solution_std` (RGB
+#: fractions of 255) record the *data-set* statistics the original solution normalised with, for reference only:
+#: the input normalisation that matches the pretrained weights is `input_norm(arch)`.
+MODEL_ZOO: Dict[str, Dict[str, Any]] = {
+    "resnext101_wsl": {"timm": "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",
+                       "note": "2nd place (NoBrainer) backbone at 480 px; Instagram WSL weights",
+                       "solution_mean": (0.2236, 0.1819, 0.2523), "solution_std": (0.3245, 0.2956, 0.3134)},
+    "seresnext50": {"timm": "seresnext50_32x4d", "note": "11th place (Appian) model100 at 512 px"},
+    "seresnext101": {"timm": "seresnext101_32x4d", "note": "11th place model110, 1st place (SeuTao)"},
+    "densenet121": {"timm": "densenet121", "note": "1st place (SeuTao) 2D model",
+                    "solution_mean": (0.456, 0.456, 0.456), "solution_std": (0.224, 0.224, 0.224)},
+    "densenet169": {"timm": "densenet169", "note": "1st place (SeuTao) 2D model"},
+    "efficientnet_b3": {"timm": "efficientnet_b3", "note": "modern mid-size baseline"},
+    "resnet18": {"timm": "resnet18", "note": "tiny: tests and demo runs"},
+    "convnext_atto": {"timm": "convnext_atto", "note": "tiny ConvNeXt: tests and demo runs"},
+}
+
+
+def resolve_arch(arch: str) -> str:
+    """A MODEL_ZOO name -> its timm name; a timm name is returned as is. Unknown -> ValueError with close matches."""
+    if arch in MODEL_ZOO:
+        return MODEL_ZOO[arch]["timm"]
+    known = isinstance(arch, str) and timm.is_model(arch)
+    if known and "." in arch:  # a pretrained tag must exist too (e.g. resnext101_32x8d.fb_wsl_ig1b_ft_in1k)
+        known = arch in timm.list_pretrained(arch)
+    if not known:
+        raise ValueError(f"unknown architecture {arch!r}; close matches: {close_matches(str(arch))}")
+    return arch
+
+
+def close_matches(arch: str, n: int = 8) -> List[str]:
+    """A few timm / MODEL_ZOO names that resemble `arch` (wildcard match first, then edit distance)."""
+    base = arch.split(".")[0]
+    wild = timm.list_models(f"*{base}*")[:n] if base else []
+    fuzzy = difflib.get_close_matches(base, timm.list_models() + list(MODEL_ZOO), n=n, cutoff=0.6)
+    return list(dict.fromkeys(wild + fuzzy))[:n]
+
+
+def create_model(arch: str, num_classes: int = 6, pretrained: bool = False, pretrained_weights: Optional[str] = None,
+                 drop_rate: float = 0.0, **kwargs: Any) -> nn.Module:
+    """timm model `arch` (timm or MODEL_ZOO name) with a `num_classes`-output classifier.
+
+    pretrained_weights: local weights file; timm loads it (`pretrained_cfg_overlay=dict(file=...)`), drops the
+    source classifier and initialises a new one with `num_classes` outputs. `pretrained=True` without a file is a
+    ValueError (nothing is ever downloaded). Extra kwargs go to `timm.create_model` (drop_path_rate, in_chans, ...).
+    """
+    name = resolve_arch(arch)
+    if pretrained_weights is not None:
+        path = Path(pretrained_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained_weights file not found: {path}")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+    if pretrained:
+        raise ValueError(f"pretrained=True for {arch!r} needs pretrained_weights=<local file>: weights are never "
+                         "downloaded (put the timm/torchvision state_dict in a Kaggle dataset or data/weights/)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+
+
+def input_norm(arch: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) RGB fractions of 255 the pretrained weights of `arch` expect (timm pretrained_cfg; ImageNet's for
+    every core arch, 0.5/0.5 for e.g. ViT / Inception). Falls back to ImageNet's when timm has no cfg."""
+    cfg = get_pretrained_cfg(resolve_arch(arch))
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """Width D of the pre-logits embedding `forward_embed` returns (timm `head_hidden_size`, else `num_features`)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def forward_embed(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x float (B, 3, H, W) -> (embedding (B, D) after pooling and any head norm, logits (B, num_classes)).
+
+    logits == model(x): the classifier is applied to the pre-logits embedding (checked for every arch in tests).
+    """
+    feats = model.forward_features(x)
+    emb = model.forward_head(feats, pre_logits=True)
+    logits = model.get_classifier()(emb)
+    return emb, logits
