@@ -88,3 +88,58 @@ def subtype_examples(index: pd.DataFrame, labels: pd.DataFrame) -> Dict[str, str
         run = pos[pos["series_uid"] == series].sort_values("slice_idx")
         out[s] = str(run["image_id"].iloc[len(run) // 2])
     return out
+
+
+def ensure_folds(rp: RunPaths, index: pd.DataFrame, labels: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """The run's folds.csv: written once (patient-grouped, multilabel-stratified) and read by every later stage.
+
+    An existing file with a different number of folds is an error, never silently replaced.
+    """
+    from .folds import make_folds, read_folds, write_folds
+
+    if rp.folds.exists():
+        folds = read_folds(rp.folds)
+        if folds["fold"].nunique() != n_folds:
+            raise ValueError(f"{rp.folds} has {folds['fold'].nunique()} folds but n_folds={n_folds}; "
+                             "use a new run dir (folds are fixed for a run)")
+        return folds
+    folds = make_folds(index, labels, n_folds=n_folds, seed=seed)
+    write_folds(folds, rp.folds)
+    rp.record("folds", rp.folds)
+    return folds
+
+
+def fold_prior_predictions(folds: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """The prior-only baseline, out of fold: each image gets the label prevalence of the *other* folds."""
+    y = labels.reindex(folds["image_id"])[list(SUBTYPES)].to_numpy(dtype=np.float64)
+    out = np.zeros_like(y)
+    f = folds["fold"].to_numpy()
+    for k in np.unique(f):
+        out[f == k] = y[f != k].mean(axis=0)
+    return pd.DataFrame(out, index=pd.Index(folds["image_id"].to_numpy(), name="image_id"), columns=list(SUBTYPES))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+def cnn_predictions(rp: RunPaths, folds: pd.DataFrame) -> Optional[Dict[str, pd.DataFrame]]:
+    """OOF and fold-averaged test probabilities of the CNN stage (wide, keyed by image_id), or None if some fold's
+    embedding export is still missing."""
+    from .embed import load_embeddings, oof_table
+
+    ks = sorted(folds["fold"].unique())
+    if not all((rp.embeddings_dir / f"oof_fold{k}_logits.npy").exists() for k in ks):
+        return None
+    ids, logits = oof_table(rp.root, folds)
+    oof = pd.DataFrame(_sigmoid(logits), index=pd.Index(ids, name="image_id"), columns=list(SUBTYPES))
+    test = None
+    if all((rp.embeddings_dir / f"test_fold{k}_logits.npy").exists() for k in ks):
+        frames = []
+        for k in ks:
+            _, lg, idx = load_embeddings(rp.embeddings_dir / f"test_fold{k}")
+            frames.append(pd.DataFrame(_sigmoid(lg[idx["row"].to_numpy()]), index=idx["image_id"].astype(str),
+                                       columns=list(SUBTYPES)))
+        test = sum(f.reindex(frames[0].index) for f in frames) / len(frames)
+        test.index.name = "image_id"
+    return {"oof": oof, "test": test}
