@@ -33,11 +33,27 @@ def kaggle_working_dir() -> Path:
 
 
 def attached_dataset(slug: str) -> Path:
-    """Folder of an attached Kaggle dataset `slug` (`owner/name` or `name`) under the input root."""
-    path = kaggle_input_root() / slug.split("/")[-1]
-    if not path.is_dir():
-        raise FileNotFoundError(f"dataset {slug!r} is not attached: {path} does not exist")
-    return path
+    """Folder of an attached Kaggle dataset `slug` (`owner/name` or `name`) under the input root.
+
+    Kaggle mounts datasets as `<root>/<name>` (classic) or `<root>/datasets/<owner>/<name>` (newer kernels).
+    """
+    root, name = kaggle_input_root(), slug.split("/")[-1]
+    candidates = ([root / "datasets" / slug] if "/" in slug else []) + [root / name]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"dataset {slug!r} is not attached: none of {[str(c) for c in candidates]} exists")
+
+
+def competition_dir(root: Optional[Path] = None) -> Path:
+    """The competition's data folder on Kaggle: the first of the known mount layouts that holds stage_2_test/."""
+    root = root or kaggle_input_root()
+    candidates = [root / "competitions" / COMPETITION / COMPETITION, root / "competitions" / COMPETITION,
+                  root / COMPETITION / COMPETITION, root / COMPETITION]
+    for path in candidates:
+        if (path / "stage_2_test").is_dir():
+            return path
+    raise FileNotFoundError(f"competition data not found; looked for stage_2_test/ in {[str(c) for c in candidates]}")
 
 
 def resolve_data_dir(data_dir: Optional[PathLike]) -> Path:
@@ -45,7 +61,7 @@ def resolve_data_dir(data_dir: Optional[PathLike]) -> Path:
     if data_dir:
         return Path(data_dir).expanduser().resolve()
     if on_kaggle():
-        return kaggle_input_root() / COMPETITION
+        return competition_dir()
     raise ValueError("data_dir is empty: pass the folder holding stage_2_train/, stage_2_test/ and the CSVs")
 
 

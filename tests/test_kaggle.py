@@ -518,9 +518,10 @@ def test_offline_kernel_on_simulated_kaggle_input(tmp_path, monkeypatch, kaggle_
     assert local["inference_vs_run_max_abs_diff"] < 1e-6  # the inference path reproduces the run's own blend
     own = _check_submission(run / "submission.csv", data / "stage_2_sample_submission.csv")
 
-    # /kaggle/input: the competition (test DICOMs + sample submission only) and the three datasets
+    # /kaggle/input: the competition (test DICOMs + sample submission only, in Kaggle's nested
+    # <competition>/<competition>/ layout) and the three datasets
     inp, work, site = tmp_path / "kaggle" / "input", tmp_path / "kaggle" / "working", tmp_path / "site"
-    comp = inp / COMPETITION
+    comp = inp / COMPETITION / COMPETITION
     for folder in (comp, work, site):
         folder.mkdir(parents=True)
     (comp / "stage_2_test").symlink_to(data / "stage_2_test", target_is_directory=True)

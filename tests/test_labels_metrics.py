@@ -95,3 +95,24 @@ def test_metric_clips_and_rejects_bad_shapes():
 def test_prior_predictions():
     y = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]])
     assert np.allclose(M.prior_predictions(y, 3), [[0.5, 0, 0, 0, 0, 0.5]] * 3)
+
+
+def test_kaggle_paths_find_nested_competition_and_datasets(tmp_path, monkeypatch):
+    from lib import paths
+
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path))
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    with pytest.raises(FileNotFoundError, match="stage_2_test"):
+        paths.resolve_data_dir("")
+    nested = tmp_path / paths.COMPETITION / paths.COMPETITION
+    (nested / "stage_2_test").mkdir(parents=True)
+    assert paths.resolve_data_dir("") == nested
+    newer = tmp_path / "competitions" / paths.COMPETITION
+    (newer / "stage_2_test").mkdir(parents=True)
+    assert paths.resolve_data_dir("") == newer
+    (tmp_path / "datasets" / "me" / "w").mkdir(parents=True)
+    (tmp_path / "w2").mkdir()
+    assert paths.attached_dataset("me/w") == tmp_path / "datasets" / "me" / "w"
+    assert paths.attached_dataset("me/w2") == tmp_path / "w2"
+    with pytest.raises(FileNotFoundError, match="not attached"):
+        paths.attached_dataset("me/none")
