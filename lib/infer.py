@@ -107,8 +107,8 @@ def seq_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, strategy: str, d
     for m in entry["models"]:
         models = load_models(bundle.path(m["file"]), dev)
         for k in m["cnn_folds"]:
-            ds = SeriesDataset(index, sets[k].emb, sets[k].logits, sets[k].rows, None, cfg.series_key,
-                               spacing_scale=cfg.spacing_scale)
+            ds = SeriesDataset(index, seq_train.slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
+                               cfg.series_key, spacing_scale=cfg.spacing_scale)
             per_fold.setdefault(k, []).append(predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip,
                                                             progress=progress))
     groups = [[f for fs in per_fold.values() for f in fs]] if entry["aggregate"] == "pairs" else list(per_fold.values())

@@ -41,6 +41,9 @@ from .sequence import (EmbeddingSet, SeriesDataset, SeqLoss, SequenceDataError, 
 STRATEGIES: Registry = Registry("sequence fold strategy")
 
 
+INPUTS = {"embedding": lambda es: es.emb, "logits": lambda es: es.logits}
+
+
 @dataclass
 class SeqConfig:
     """Sequence-stage parameters (YAML overrides through `from_dict`; unknown keys are an error)."""
@@ -64,6 +67,8 @@ class SeqConfig:
     spacing_scale: float = 10.0             # mm -> input units
     series_key: str = "series_uid"
     emb_suffix: str = ""                    # e.g. "_ep3" for per-epoch embedding files
+    inputs: str = "embedding"               # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
+    #                                         vector (aligned across fold models: the same meaning in every fold)
     progress: bool = True
 
     @classmethod
@@ -77,8 +82,16 @@ class SeqConfig:
     def __post_init__(self) -> None:
         if self.crop is not None:
             self.crop = (int(self.crop[0]), int(self.crop[1]))
+        if self.inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {sorted(INPUTS)}, got {self.inputs!r}")
         if self.select not in ("best", "last"):
             raise ValueError(f"SeqConfig.select must be 'best' or 'last'; got {self.select!r}")
+
+
+def slice_vectors(es: EmbeddingSet, cfg: SeqConfig) -> np.ndarray:
+    """The per-slice vector the sequence model differences along the series: the CNN embedding (float16 memmap,
+    (N, D)) or, with `inputs="logits"`, the CNN's 6 logits, whose meaning is shared by every fold model."""
+    return INPUTS[cfg.inputs](es)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -180,7 +193,8 @@ class _Run:
 
     def dataset(self, df: pd.DataFrame, es: EmbeddingSet, train: bool, labelled: bool = True) -> SeriesDataset:
         c = self.cfg
-        return SeriesDataset(df, es.emb, es.logits, es.rows, self.labels if labelled else None, c.series_key,
+        return SeriesDataset(df, slice_vectors(es, c), es.logits, es.rows, self.labels if labelled else None,
+                             c.series_key,
                              crop=c.crop if train else None, reverse_p=c.reverse_p if train else 0.0,
                              seed=c.seed + len(self.provenance), spacing_scale=c.spacing_scale)
 
@@ -285,7 +299,7 @@ def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFram
     test_sets = ({k: open_embedding_set(run_dir, "test", k, cfg.emb_suffix) for k in ks}
                  if test_index_df is not None else {})
     run = _Run(cfg, paths, strategy, train, labels, oof_sets, test_sets, test_index_df,
-               feature_dim(oof_sets[ks[0]].emb.shape[1]))
+               feature_dim(slice_vectors(oof_sets[ks[0]], cfg).shape[1]))
     oof_parts, test_parts = runner(run)
     test = _mean_frames(test_parts) if test_parts else None
     oof, expected = pd.concat(oof_parts), train["image_id"].astype(str).to_numpy()
