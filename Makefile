@@ -6,12 +6,13 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA ?= data/phantom
 DEMO_OUT ?= outputs/demo
-DEMO_STUDIES ?= 40
+# 160 studies of 12-18 slices at 256 px: many patients (what a from-scratch CNN needs), few pixels per slice
+DEMO_PHANTOM ?= --studies 160 --slices 12 18 --size 256 --seed 0
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test test-fast install data lab bench clean-demo
+.PHONY: demo test test-fast install data lab bench kernel clean-demo
 
 install: $(STAMP)
 
@@ -25,10 +26,11 @@ $(STAMP): requirements.txt
 data: $(DEMO_DATA)/stage_2_train.csv
 
 $(DEMO_DATA)/stage_2_train.csv: | $(STAMP)
-	$(VPY) -m lib.phantom --out $(DEMO_DATA) --studies $(DEMO_STUDIES) --seed 0
+	$(VPY) -m lib.phantom --out $(DEMO_DATA) $(DEMO_PHANTOM)
 
 demo: $(STAMP) data
-	$(VPY) -m lib.run params/demo.yaml --data $(DEMO_DATA) --out $(DEMO_OUT)
+	$(VPY) -m lib.run params/demo.yaml --data $(DEMO_DATA) --out $(DEMO_OUT) --resume
+	$(VPY) -m lib.report $(DEMO_OUT)
 
 test: $(STAMP)
 	$(VPY) -m pytest
@@ -44,6 +46,13 @@ bench: $(STAMP) data
 	$(VPY) -m lib.bench preprocess --data $(DEMO_DATA)
 	$(VPY) -m lib.bench loader
 	$(VPY) -m lib.bench sequence
+
+# Package the demo run as the three Kaggle datasets and generate its offline inference kernel (nothing is pushed).
+kernel: $(STAMP)
+	$(VPY) -m lib.kaggle package-code
+	$(VPY) -m lib.kaggle package-weights $(DEMO_OUT)
+	$(VPY) -m lib.kaggle package-wheels
+	$(VPY) -m lib.kaggle build-kernel --run $(DEMO_OUT) --slug rsna-ich-demo-infer
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
