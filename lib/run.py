@@ -158,9 +158,17 @@ def package_versions() -> Dict[str, Optional[str]]:
 
 
 def _write_manifest(run_dir: Path, header: Dict[str, Any], jobs: List[Job]) -> None:
-    body = dict(header, stages=[{"stage": j.stage, "notebook": f"notebooks/{j.tag}.ipynb", "params": j.params,
-                                 "status": j.status, "seconds": j.seconds, "error": j.error} for j in jobs])
-    atomic_write_text(run_dir / "manifest.json", json.dumps(body, indent=2, default=str))
+    """Rewrite manifest.json: this invocation's jobs, plus the entries of earlier invocations for other notebooks
+    (so `--stages` runs add to the record instead of replacing it), in pipeline order."""
+    current = [{"stage": j.stage, "notebook": f"notebooks/{j.tag}.ipynb", "params": j.params, "status": j.status,
+                "seconds": j.seconds, "error": j.error, "git_commit": header.get("git_commit")} for j in jobs]
+    names = {e["notebook"] for e in current}
+    path = run_dir / "manifest.json"
+    earlier = json.loads(path.read_text()).get("stages", []) if path.exists() else []
+    order = list(PIPELINE)
+    stages = sorted([e for e in earlier if e["notebook"] not in names] + current,
+                    key=lambda e: (order.index(e["stage"]) if e["stage"] in order else len(order), e["notebook"]))
+    atomic_write_text(path, json.dumps(dict(header, stages=stages), indent=2, default=str))
 
 
 def _previous_ok(run_dir: Path) -> Dict[str, Dict[str, Any]]:

@@ -103,3 +103,14 @@ def test_real_params_files_are_valid(tmp_path):
     for path in files:
         jobs = runner.plan(path, tmp_path, tmp_path / "out")
         assert jobs, path
+
+
+def test_stage_subset_adds_to_the_manifest(toy_pipeline):
+    tmp, data = toy_pipeline
+    out = tmp / "out"
+    p = _params(tmp, {"stages": {"a": {}, "b": {"fold": [0]}}})
+    assert runner.main([str(p), "--data", str(data), "--out", str(out)]) == 0
+    assert runner.main([str(p), "--data", str(data), "--out", str(out), "--stages", "b"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert [s["notebook"] for s in man["stages"]] == ["notebooks/a.ipynb", "notebooks/b_fold0.ipynb"]
+    assert all(s["status"] == "ok" for s in man["stages"])
