@@ -13,15 +13,10 @@ from lib.embed import TTA_VIEWS, embed_views, export_embeddings, export_fold, lo
 from lib.models import create_model
 from lib.paths import RunPaths
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
+
 ARCH, SIZE = "resnet18", 32
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_cache(cache: Path, ids, size: int = SIZE, seed: int = 0) -> None:

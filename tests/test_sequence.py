@@ -14,19 +14,12 @@ from lib.labels import SUBTYPES
 from lib.metrics import weighted_log_loss
 from lib.seq_heads import HEADS, create_head
 from lib.seq_train import SeqConfig, fit_head, load_models, predict_probs, train_sequence
-from lib.sequence import (SequenceDataError, SeriesDataset, collate_series, feature_dim, masked_weighted_bce,
-                          reverse_features, slice_features, split_output)
+from lib.sequence import (SequenceDataError, SeriesDataset, collate_series, feature_dim, masked_weighted_bce,                          reverse_features, slice_features, split_output)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 D = 4
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box 2 threads run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_index(lengths, n_patients=None, prefix="tr", seed=0) -> pd.DataFrame:

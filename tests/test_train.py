@@ -16,13 +16,7 @@ from lib.labels import SUBTYPES
 from lib.metrics import weighted_log_loss
 from lib.train import TrainConfig, WeightedBCE, launch, split_fold, train_fold
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny CPU models run fastest on one thread; more threads on 2 shared cores oversubscribe (~8x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
 TINY = dict(arch="resnet18", img_size=32, bs=4, num_workers=0, lr=3e-3, seed=0, aug="light", epochs=1)
