@@ -1,21 +1,21 @@
 """Benchmarks, one subcommand each, each printing ONE JSON line: `python -m lib.bench <subcommand> ...`.
 
-    python -m lib.bench preprocess --data DIR [--n 200] [--size 256] [--workers W] [--repeat 3]
+    python -m lib.bench preprocess --data DIR [--n 200] [--size 256] [--workers W] [--repeat 5]
     python -m lib.bench loader [--arch resnet18] [--size 128] [--bs 32]        (lib/bench_loader.py)
     python -m lib.bench sequence [--series 21744] [--dim 2048] [--steps 50]    (lib/bench_sequence.py)
 
-To add a subcommand: write `_add_<name>(sub)` that adds its parser and sets `func=<function(args) -> dict>`, and
-list it in `SUBCOMMANDS`.
+To add a subcommand: write `add_<name>_parser(sub)` that adds its parser and sets `func=<function(args) -> dict>`,
+and list it in `SUBCOMMANDS` (through `_lazy` if its module imports torch: only the chosen subcommand's module
+is imported, so `preprocess` runs, and forks its workers, without torch in the process).
 
-`preprocess` times, on the same N 512x512 files of DIR/stage_2_train (OS file cache warmed first, best of
-`--repeat` passes, throughput in images/s):
+`preprocess` times, on the same N 512x512 files of DIR/stage_2_train (OS file cache warmed first; `--repeat`
+rounds that each run every variant once, interleaved; the fastest of each is reported; images/s):
   ceiling_ips        pydicom dcmread + pixel_array only, one process (decode cannot get faster than this);
   naive_ips          the anchors' way (NoBrainer/Appian): dcmread -> float64 HU -> 3 windows at full 512 px,
                      each scaled by its own window, minus its min, x255 -> cv2.resize -> cv2.imwrite PNG, one process;
   ours_1proc_ips     `lib.windowing.build_cache` with workers=1 into a fresh folder;
-  ours_parallel_ips  the same with `--workers` processes (default all cores), fresh folder, worker start-up
-                     included (the forkserver's one-time start, ~1 s per Python process, falls out as the best
-                     of `--repeat` is kept).
+  ours_parallel_ips  the same with `--workers` processes (default all cores), fresh folder, starting and
+                     joining the worker processes included.
 Ratios: ours_vs_naive = ours_1proc / naive (same resources), ours_parallel_vs_naive, ours_vs_ceiling =
 ours_1proc / ceiling, parallel_speedup = ours_parallel / ours_1proc. One-process timings run with
 cv2.setNumThreads(1) so "one process" means one core. build_cache tunes glibc malloc
@@ -28,9 +28,11 @@ below the core count).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +42,6 @@ import cv2
 import numpy as np
 import pydicom
 
-from lib.bench_loader import add_loader_parser
-from lib.bench_sequence import add_sequence_parser
 from lib.dicom import DicomError, read_hu
 from lib.paths import CompetitionData
 
@@ -92,22 +92,30 @@ def _naive(files: Sequence[Path], out_dir: Path, size: int) -> None:
         _naive_one(f, out_dir, size)
 
 
-def _best(fn: Callable[[Path], None], n: int, repeat: int) -> Tuple[float, float]:
-    """(images/s wall clock, CPU ms/image of this process) of the fastest of `repeat` runs of fn(fresh temp dir)."""
-    wall, cpu = float("inf"), float("inf")
+def _timed(fn: Callable[[Path], None]) -> Tuple[float, float]:
+    """(wall s, CPU s of this process) of fn(fresh temp dir)."""
+    tmp = Path(tempfile.mkdtemp(prefix="rsna_bench_"))
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn(tmp)
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _best_interleaved(fns: Dict[str, Callable[[Path], None]], repeat: int) -> Dict[str, Tuple[float, float]]:
+    """{name: (best wall s, best CPU s)} over `repeat` rounds that each run every fn once, in turn, so a slow
+    spell of a shared machine hits all measurements alike."""
+    best = {k: (float("inf"), float("inf")) for k in fns}
     for _ in range(repeat):
-        tmp = Path(tempfile.mkdtemp(prefix="rsna_bench_"))
-        try:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn(tmp)
-            wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return n / wall, 1e3 * cpu / n
+        for k, fn in fns.items():
+            wall, cpu = _timed(fn)
+            best[k] = (min(best[k][0], wall), min(best[k][1], cpu))
+    return best
 
 
 def bench_preprocess(data: str, n: int = 200, size: int = 256, workers: Optional[int] = None,
-                     repeat: int = 3, policy: str = "brain_subdural_soft") -> Dict[str, float]:
+                     repeat: int = 5, policy: str = "brain_subdural_soft") -> Dict[str, float]:
     """Throughput of decode-only, the naive conversion and `build_cache` (1 process, all cores); see module doc."""
     from lib.windowing import build_cache, keep_freed_memory
 
@@ -118,24 +126,30 @@ def bench_preprocess(data: str, n: int = 200, size: int = 256, workers: Optional
     for f in files:  # warm the OS file cache so the disk does not dominate
         f.read_bytes()
     items = [(f.stem, f) for f in files]
+    one_proc = {"ceiling": lambda _: _decode_only(files), "naive": lambda d: _naive(files, d, size),
+                "ours_1proc": lambda d: build_cache(items, d, policy, size, workers=1, progress=False)}
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        naive_default, _ = _best(lambda d: _naive(files, d, size), n, repeat)
+        naive_default = _best_interleaved({"naive": one_proc["naive"]}, repeat)["naive"][0]
         keep_freed_memory()  # what build_cache does; applied to every measurement below for a fair comparison
-        ceiling, ceiling_cpu = _best(lambda _: _decode_only(files), n, repeat)
-        naive, naive_cpu = _best(lambda d: _naive(files, d, size), n, repeat)
-        one, one_cpu = _best(lambda d: build_cache(items, d, policy, size, workers=1, progress=False), n, repeat)
+        t = _best_interleaved({**one_proc, "ours_parallel": lambda d: build_cache(
+            items, d, policy, size, workers=workers, progress=False)}, repeat)
     finally:
         cv2.setNumThreads(threads)
-    par, _ = _best(lambda d: build_cache(items, d, policy, size, workers=workers, progress=False), n, repeat)
-    return {"n": n, "size": size, "policy": policy, "ceiling_ips": round(ceiling, 1), "naive_ips": round(naive, 1),
-            "ours_1proc_ips": round(one, 1), "ours_parallel_ips": round(par, 1), "workers": workers,
-            "ours_vs_naive": round(one / naive, 2), "ours_parallel_vs_naive": round(par / naive, 2),
-            "ours_vs_ceiling": round(one / ceiling, 2), "parallel_speedup": round(par / one, 2),
-            "naive_default_malloc_ips": round(naive_default, 1), "ceiling_cpu_ms": round(ceiling_cpu, 2),
-            "naive_cpu_ms": round(naive_cpu, 2), "ours_1proc_cpu_ms": round(one_cpu, 2),
-            "ours_vs_naive_cpu": round(naive_cpu / one_cpu, 2), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    ips = {k: n / wall for k, (wall, _) in t.items()}
+    cpu_ms = {k: 1e3 * cpu / n for k, (_, cpu) in t.items()}
+    return {"n": n, "size": size, "policy": policy, "ceiling_ips": round(ips["ceiling"], 1),
+            "naive_ips": round(ips["naive"], 1), "ours_1proc_ips": round(ips["ours_1proc"], 1),
+            "ours_parallel_ips": round(ips["ours_parallel"], 1), "workers": workers,
+            "ours_vs_naive": round(ips["ours_1proc"] / ips["naive"], 2),
+            "ours_parallel_vs_naive": round(ips["ours_parallel"] / ips["naive"], 2),
+            "ours_vs_ceiling": round(ips["ours_1proc"] / ips["ceiling"], 2),
+            "parallel_speedup": round(ips["ours_parallel"] / ips["ours_1proc"], 2),
+            "naive_default_malloc_ips": round(n / naive_default, 1), "ceiling_cpu_ms": round(cpu_ms["ceiling"], 2),
+            "naive_cpu_ms": round(cpu_ms["naive"], 2), "ours_1proc_cpu_ms": round(cpu_ms["ours_1proc"], 2),
+            "ours_vs_naive_cpu": round(cpu_ms["naive"] / cpu_ms["ours_1proc"], 2),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
@@ -144,26 +158,40 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=200, help="number of 512x512 files to time")
     p.add_argument("--size", type=int, default=256, help="output image side in pixels")
     p.add_argument("--workers", type=int, default=None, help="processes for the parallel run (default: all cores)")
-    p.add_argument("--repeat", type=int, default=3, help="passes per measurement; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=5, help="rounds; each times every variant once, the fastest "
+                   "of each is reported")
     p.add_argument("--policy", default="brain_subdural_soft", help="window policy name (lib.windowing.POLICIES)")
     p.set_defaults(func=lambda a: bench_preprocess(a.data, a.n, a.size, a.workers, a.repeat, a.policy))
 
 
-SUBCOMMANDS: List[Callable[[argparse._SubParsersAction], object]] = [_add_preprocess, add_loader_parser,
-                                                                     add_sequence_parser]
+def _lazy(module: str, attr: str) -> Callable[[argparse._SubParsersAction], object]:
+    """A parser adder that imports `module` only when its subcommand is built."""
+    def add(sub: argparse._SubParsersAction) -> object:
+        return getattr(importlib.import_module(module), attr)(sub)
+    return add
 
 
-def build_parser() -> argparse.ArgumentParser:
+SUBCOMMANDS: Dict[str, Callable[[argparse._SubParsersAction], object]] = {
+    "preprocess": _add_preprocess,
+    "loader": _lazy("lib.bench_loader", "add_loader_parser"),
+    "sequence": _lazy("lib.bench_sequence", "add_sequence_parser"),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The CLI with every subcommand, or with `command` only (then no other subcommand's module is imported)."""
     parser = argparse.ArgumentParser(prog="python -m lib.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
+    for name, add in SUBCOMMANDS.items():
+        if command in (None, name):
+            add(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """Parse `argv`, run the subcommand, print its result as one JSON line and return it."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None).parse_args(argv)
     result = args.func(args)
     print(json.dumps(result), flush=True)
     return result

@@ -4,19 +4,22 @@ Units: every function takes Hounsfield units (float32, (H, W)) and returns [0, 1
 docstring says. Windows are `Window(center=..., width=...)`, never bare tuples (fastai stores (width, level), the
 2nd-place code (center, width)). Pipeline per image (`render`): head box on a 4x smaller brain-window image ->
 crop the HU -> centred square pad with air -> resize the HU to `img_size` -> window at the small size (cheap).
+
+Cache (`build_cache`): `<cache_root>/<cache_key>/` holds meta.json (policy, windows, img_size, crop, fmt,
+version), one `<image_id>.png` (or `.npy`) per image, uint8 (S, S, 3) read back RGB by `load_cached`, and
+bad.csv (image_id, path, reason) when some files could not be read.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import io
 import json
 import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
-from multiprocessing import get_all_start_methods, get_context
-from multiprocessing.context import BaseContext
+from multiprocessing import get_context
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
@@ -277,7 +280,7 @@ def keep_freed_memory() -> None:
     than the decode. Process-wide and harmless (a little more resident memory); a no-op where libc is not glibc.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
         libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks < 32 MB come from the heap, not fresh mmaps
         libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD: keep up to 256 MB of free heap top
     except (OSError, AttributeError):
@@ -290,20 +293,22 @@ def _worker_init() -> None:
     keep_freed_memory()
 
 
-def _pool_context() -> BaseContext:
-    """'forkserver' (POSIX) with this module preloaded: workers start in ~10 ms from a clean single-threaded
-    server. Plain fork would copy the caller's cv2 / OpenMP thread-pool state, and cv2 calls in the child can
-    then hang for ever; spawn would re-import cv2, pandas and pydicom in every worker."""
-    main = sys.modules.get("__main__")
-    main_file = getattr(main, "__file__", None) if getattr(main, "__spec__", None) is None else None
+def _make_pool(workers: int) -> Pool:
+    """Worker processes. Linux: fork (starts in ms, nothing re-imported), with cv2's thread pool shut down around
+    the fork: a child that inherits cv2 worker-thread state hangs for ever in its first cv2 call. Elsewhere:
+    spawn (workers re-import `__main__`, so it must be a real file or a `-m` module)."""
+    if sys.platform.startswith("linux"):
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return get_context("fork").Pool(workers, initializer=_worker_init)
+        finally:
+            cv2.setNumThreads(threads)
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file and not os.path.exists(main_file):
         raise RuntimeError(f"worker processes re-import __main__, but {main_file!r} is not a file (a script piped "
                            "on stdin?): run it as a file or with -m, or pass workers=1")
-    if "forkserver" not in get_all_start_methods():
-        return get_context("spawn")
-    ctx = get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
+    return get_context("spawn").Pool(workers, initializer=_worker_init)
 
 
 def _n_cpus() -> int:
@@ -374,8 +379,8 @@ def build_cache(items: Union[pd.DataFrame, Iterable[Tuple[str, PathLike]]], cach
         results = map(_build_one, todo)
         pool = None
     else:
-        pool = _pool_context().Pool(workers, initializer=_worker_init)
-        results = pool.imap_unordered(_build_one, todo, chunksize=max(1, min(64, len(todo) // (workers * 8))))
+        pool = _make_pool(workers)
+        results = pool.imap_unordered(_build_one, todo, chunksize=max(1, min(64, len(todo) // (workers * 32))))
     try:
         for image_id, path, reason in results:
             tried.append(image_id)

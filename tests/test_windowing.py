@@ -256,7 +256,7 @@ def test_real_series_cache(real_dir: Path, tmp_path: Path):
 
 
 def test_pool_survives_busy_cv2_threads_in_parent(ct_dir: Path, tmp_path: Path):
-    """Regression: with plain fork, a parent whose cv2 thread pool had run made every worker hang in cv2."""
+    """Regression: a parent whose cv2 thread pool had run made every forked worker hang in its first cv2 call."""
     code = ("import sys, cv2, numpy as np; from lib.windowing import build_cache; cv2.setNumThreads(4); "
             "[cv2.resize(np.ones((2048, 2048), np.float32), (999, 999)) for _ in range(5)]; "
             "items = [(p.stem, p) for p in sorted(__import__('pathlib').Path(sys.argv[1]).glob('*.dcm'))]; "
