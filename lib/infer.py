@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from . import embed, ensemble, pipeline, seq_train, windowing
 from .bundle import Bundle, BundleError
 from .data import neighbours
@@ -92,7 +93,7 @@ def cnn_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, cache_dir: Path,
                                 img_size=cnn["img_size"])
         es = open_embedding_set(rp.root, "test", k)
         logits = np.asarray(es.logits[es.rows.reindex(ids).to_numpy()], np.float64)
-        probs.append(1.0 / (1.0 + np.exp(-logits)))
+        probs.append(expit(logits))
     return pd.DataFrame(np.mean(probs, axis=0), index=pd.Index(ids, name="image_id"), columns=list(SUBTYPES))
 
 

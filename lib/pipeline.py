@@ -8,6 +8,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 from . import dicom
 from .labels import SUBTYPES
@@ -119,10 +120,6 @@ def fold_prior_predictions(folds: pd.DataFrame, labels: pd.DataFrame) -> pd.Data
     return pd.DataFrame(out, index=pd.Index(folds["image_id"].to_numpy(), name="image_id"), columns=list(SUBTYPES))
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
-
-
 def cnn_predictions(rp: RunPaths, folds: pd.DataFrame) -> Optional[Dict[str, pd.DataFrame]]:
     """OOF and fold-averaged test probabilities of the CNN stage (wide, keyed by image_id), or None if some fold's
     embedding export is still missing."""
@@ -132,14 +129,15 @@ def cnn_predictions(rp: RunPaths, folds: pd.DataFrame) -> Optional[Dict[str, pd.
     if not all((rp.embeddings_dir / f"oof_fold{k}_logits.npy").exists() for k in ks):
         return None
     ids, logits = oof_table(rp.root, folds)
-    oof = pd.DataFrame(_sigmoid(logits), index=pd.Index(ids, name="image_id"), columns=list(SUBTYPES))
+    oof = pd.DataFrame(expit(logits.astype(np.float64)), index=pd.Index(ids, name="image_id"),
+                       columns=list(SUBTYPES))
     test = None
     if all((rp.embeddings_dir / f"test_fold{k}_logits.npy").exists() for k in ks):
         frames = []
         for k in ks:
             _, lg, idx = load_embeddings(rp.embeddings_dir / f"test_fold{k}")
-            frames.append(pd.DataFrame(_sigmoid(lg[idx["row"].to_numpy()]), index=idx["image_id"].astype(str),
-                                       columns=list(SUBTYPES)))
+            probs = expit(lg[idx["row"].to_numpy()].astype(np.float64))
+            frames.append(pd.DataFrame(probs, index=idx["image_id"].astype(str), columns=list(SUBTYPES)))
         test = sum(f.reindex(frames[0].index) for f in frames) / len(frames)
         test.index.name = "image_id"
     return {"oof": oof, "test": test}

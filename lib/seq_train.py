@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import CSVLogger
@@ -324,7 +325,7 @@ def _cnn_oof_probs(train: pd.DataFrame, sets: Dict[int, EmbeddingSet]) -> pd.Dat
     for k, es in sets.items():
         ids = train.loc[train["fold"] == k, "image_id"].astype(str).to_numpy()
         logits = np.asarray(es.logits[es.rows.reindex(ids).to_numpy()], dtype=np.float64)
-        frames.append(pd.DataFrame(1 / (1 + np.exp(-logits)), index=ids, columns=list(SUBTYPES)))
+        frames.append(pd.DataFrame(expit(logits), index=ids, columns=list(SUBTYPES)))
     return pd.concat(frames)
 
 
