@@ -38,6 +38,8 @@ def add_sequence_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--slices-mean", type=float, default=34.0, help="mean slices per series (clipped to 20..60)")
     p.add_argument("--dim", type=int, default=2048, help="embedding size D (float16)")
     p.add_argument("--steps", type=int, default=50, help="training steps (batches)")
+    p.add_argument("--epochs", type=float, default=0.0, help="train this many passes over all series instead of "
+                   "--steps (a full fold trains on (K-1)/K of them, so this over-counts one fold's work)")
     p.add_argument("--bs", type=int, default=8, help="series per batch")
     p.add_argument("--hidden", type=int, default=256, help="LSTM hidden size per direction")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
@@ -116,8 +118,9 @@ def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.devic
     t_data = t_comp = 0.0
     done, slices, first = 0, 0, 0.0
     t_prev = time.perf_counter()
-    bar = tqdm(total=args.steps, desc="train lstm", file=sys.stderr)
-    for batch in dl:
+    steps = int(np.ceil(args.epochs * len(ds) / args.bs)) if args.epochs else args.steps
+    bar = tqdm(total=steps, desc="train lstm", file=sys.stderr)
+    for batch in _cycle(dl):
         t1 = time.perf_counter()
         t_data += t1 - t_prev
         loss = masked_weighted_bce(model(batch["x"].to(device), batch["mask"].to(device)), batch["y"].to(device),
@@ -132,13 +135,19 @@ def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.devic
         first = first or t_data + t_comp
         done, slices = done + 1, slices + int(batch["lengths"].sum())
         bar.update(1)
-        if done >= args.steps:
+        if done >= steps:
             break
     bar.close()
     total = t_data + t_comp
     return {"train_s": round(total, 2), "first_step_s": round(first, 2), "data_s": round(t_data, 2),
             "compute_s": round(t_comp, 2), "series_per_s": round(done * args.bs / total, 2),
             "slices_per_s": round(slices / total, 1), "steps": done}
+
+
+def _cycle(dl: DataLoader):
+    """Batches of `dl`, epoch after epoch (a new shuffle each pass)."""
+    while True:
+        yield from dl
 
 
 def run_sequence_bench(args: argparse.Namespace) -> Dict[str, Any]:
@@ -165,7 +174,8 @@ def run_sequence_bench(args: argparse.Namespace) -> Dict[str, Any]:
         t2 = time.perf_counter()
         timing = train_steps(ds, args, device)
         result = {"series": len(ds), "slices": int(len(index)), "dim": int(emb.shape[1]),
-                  "bytes_on_disk": int((workdir / "emb.npy").stat().st_size), "steps": timing.pop("steps"),
+                  "bytes_on_disk": int((workdir / "emb.npy").stat().st_size), "steps": timing["steps"],
+                  "epochs": round(timing.pop("steps") * args.bs / len(ds), 2),
                   "bs": args.bs, "hidden": args.hidden, "series_per_s": timing.pop("series_per_s"),
                   "peak_rss_gb": round(peak_rss_gb(), 3),
                   "peak_rss_workers_gb": round(peak_rss_gb(True), 3) if args.num_workers else 0.0,

@@ -76,7 +76,10 @@ def process_group(device: str = "auto") -> Iterator[DistEnv]:
     env = current(device)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
+    if env.device.type == "cuda":  # naming the device avoids nccl guessing it from the global rank
+        dist.init_process_group(backend="nccl", device_id=env.device)
+    else:
+        dist.init_process_group(backend="gloo")
     try:
         yield current(device)
     finally:

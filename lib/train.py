@@ -540,6 +540,10 @@ def launch(run_dir: PathLike, cache_dir: PathLike, fold: int, cfg: TrainConfig, 
         return train_fold(run_dir, cache_dir, _as_frame(folds, "folds", rp.folds),
                           _as_frame(labels, "labels", rp.lookup("labels") if labels is None else None), fold, cfg,
                           neighbours=_as_frame(neighbours, "neighbours", None))
+    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+    if gpus and nproc > gpus:
+        raise ValueError(f"nproc={nproc} DDP processes need one GPU each, but {gpus} CUDA device(s) are visible "
+                         f"(nccl refuses two ranks on one GPU); use nproc <= {gpus} or device='cpu' (gloo)")
     with tempfile.TemporaryDirectory(prefix="rsna_launch_") as tmp:
         args = ["--run-dir", str(rp.root), "--cache-dir", str(cache_dir), "--fold", str(fold),
                 "--config", str(Path(tmp) / "cfg.json")]

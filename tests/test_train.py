@@ -187,3 +187,23 @@ def test_cuda_bf16_channels_last_smoke(tmp_path):
     res = train_fold(tmp_path / "run", cache, folds, labels, 0, cfg)
     assert res["device"].startswith("cuda") and res["precision"] in ("bf16", "fp16")
     assert np.isfinite(res["best_valid_logloss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl DDP needs one GPU per rank (2+ GPUs)")
+def test_ddp_nccl_two_gpus_end_with_identical_weights(tmp_path):
+    cache, folds, labels = make_data(tmp_path, n=24)
+    cfg = TrainConfig(**{**TINY, "schedule": "cosine", "bs": 4})
+    dump = tmp_path / "rank{rank}.pt"
+    res = launch(tmp_path / "run", cache, 0, cfg, nproc=2, folds=folds, labels=labels,
+                 extra_args=["--dump-final-state", str(dump)])
+    r0, r1 = (torch.load(str(dump).format(rank=r), weights_only=True, map_location="cpu") for r in (0, 1))
+    assert state_dicts_equal(r0, r1)
+    assert res["world_size"] == 2 and res["device"].startswith("cuda") and np.isfinite(res["best_valid_logloss"])
+
+
+def test_launch_refuses_more_ranks_than_gpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cache, folds, labels = make_data(tmp_path, n=6)
+    with pytest.raises(ValueError, match="one GPU each"):
+        launch(tmp_path / "run", cache, 0, TrainConfig(**TINY), nproc=2, folds=folds, labels=labels)
