@@ -73,7 +73,7 @@ def _cache_ids(args: argparse.Namespace, tmp: Path) -> tuple:
 def make_loader(cache: Path, ids: List[str], args: argparse.Namespace, n_items: int, pin: bool) -> DataLoader:
     """The training DataLoader of lib.train (transform, collate, worker seeding) over `n_items` random draws."""
     from lib.augment import create_transform
-    from lib.data import ImageDataset, worker_init_fn
+    from lib.data import ImageDataset, ImageLoader, worker_init_fn
     from lib.train import collate_xy, norm_stats
 
     nb = None
@@ -84,7 +84,7 @@ def make_loader(cache: Path, ids: List[str], args: argparse.Namespace, n_items: 
     ds = ImageDataset(cache, ids, np.zeros((len(ids), 6), np.float32), mode=args.mode, neighbours=nb,
                       transform=create_transform(args.aug, args.size), mean=mean, std=std)
     sampler = RandomSampler(ds, replacement=True, num_samples=n_items)
-    return DataLoader(ds, batch_size=args.bs, sampler=sampler, num_workers=args.workers, collate_fn=collate_xy,
+    return ImageLoader(ds, batch_size=args.bs, sampler=sampler, num_workers=args.workers, collate_fn=collate_xy,
                       worker_init_fn=worker_init_fn, pin_memory=pin, drop_last=True)
 
 

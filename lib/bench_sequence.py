@@ -46,6 +46,8 @@ def add_sequence_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default; 1 is the default "
                    "because 2 threads on a busy 2-core box ran ~7x slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"],
+                   help="autocast on CUDA (auto = bf16, as the sequence stage trains there); CPU runs in float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder for the synthetic files; reused when it matches "
                                                    "(default: a temp dir, removed afterwards)")
@@ -111,6 +113,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> Dict[str, Any]:
 def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     """Train the lstm head for `args.steps` batches; returns timings (data wait vs compute)."""
     torch.manual_seed(args.seed)
+    amp = device.type == "cuda" and args.precision != "no"
     model = create_head("lstm", feature_dim(args.dim), hidden=args.hidden).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dl = DataLoader(ds, batch_size=args.bs, shuffle=True, collate_fn=collate_series, num_workers=args.num_workers,
@@ -123,8 +126,9 @@ def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.devic
     for batch in _cycle(dl):
         t1 = time.perf_counter()
         t_data += t1 - t_prev
-        loss = masked_weighted_bce(model(batch["x"].to(device), batch["mask"].to(device)), batch["y"].to(device),
-                                   batch["mask"].to(device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(batch["x"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
+        loss = masked_weighted_bce(out, batch["y"].to(device), batch["mask"].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -179,7 +183,8 @@ def run_sequence_bench(args: argparse.Namespace) -> Dict[str, Any]:
                   "bs": args.bs, "hidden": args.hidden, "series_per_s": timing.pop("series_per_s"),
                   "peak_rss_gb": round(peak_rss_gb(), 3),
                   "peak_rss_workers_gb": round(peak_rss_gb(True), 3) if args.num_workers else 0.0,
-                  "device": str(device), "threads": torch.get_num_threads(), "num_workers": args.num_workers, **prep,
+                  "device": str(device),
+                  "precision": "bf16" if device.type == "cuda" and args.precision != "no" else "fp32", "threads": torch.get_num_threads(), "num_workers": args.num_workers, **prep,
                   "setup_s": round(t2 - t1, 1), **timing, "wall_s": round(time.perf_counter() - t0, 1),
                   "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
         del ds, emb, logits

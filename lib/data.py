@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lib.labels import SUBTYPES
 from lib.windowing import load_cached
@@ -118,6 +118,26 @@ class ImageDataset(Dataset):
         target = np.zeros(len(SUBTYPES), np.float32) if self.labels is None else self.labels[i]
         return {"image": self.normalise(img), "target": torch.from_numpy(np.array(target, np.float32)),
                 "image_id": str(self.image_ids[i]), "index": i}
+
+
+class ImageLoader(DataLoader):
+    """A torch DataLoader whose worker processes start with cv2's thread pool shut down in the parent.
+
+    Linux DataLoader workers are forked. When the parent had run cv2 with its thread pool (a notebook that showed
+    images, the main-process validation path), a forked worker inherits that pool's lock state and hangs for ever
+    in its first cv2 call (seen on a 16-core GPU box; tests/test_data.py reproduces it on 2 cores). The pool is set
+    to one thread (which stops its threads) only while the workers start, then restored.
+    """
+
+    def _get_iterator(self):  # the one place torch starts worker processes (once with persistent_workers)
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super()._get_iterator()
+        finally:
+            cv2.setNumThreads(threads)
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lib.augment import create_transform
-from lib.data import ImageDataset, worker_init_fn
+from lib.data import ImageDataset, ImageLoader, worker_init_fn
 from lib.ddp import resolve_device
 from lib.labels import SUBTYPES
 from lib.models import create_model, embedding_dim, forward_embed
@@ -91,7 +90,7 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
     ids = [str(i) for i in image_ids]
     ds = ImageDataset(cache_dir, ids, mode=mode, neighbours=neighbours, mean=mean, std=std,
                       transform=create_transform("none", size) if size else None)
-    dl = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=num_workers, worker_init_fn=worker_init_fn,
+    dl = ImageLoader(ds, batch_size=bs, shuffle=False, num_workers=num_workers, worker_init_fn=worker_init_fn,
                     pin_memory=dev.type == "cuda")
     cuda = dev.type == "cuda"
     if cuda:

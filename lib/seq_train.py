@@ -23,6 +23,7 @@ import pandas as pd
 from scipy.special import expit
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
 from fastai.data.core import DataLoaders
@@ -62,6 +63,7 @@ class SeqConfig:
     seed: int = 42
     num_workers: int = 0
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
+    mixed_precision: str = "auto"           # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | no
     snapshot_epochs: int = 0                # >0: average predictions of the last n epochs (no selection)
     select: str = "best"                    # "best" (lowest valid metric) | "last"
     tta_flip: bool = True                   # average forward and reversed series at prediction
@@ -163,8 +165,14 @@ def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, 
     dls.n_inp = 2  # batch = (x, mask | y, mask): model(x, mask), loss(pred, y, mask)
     metric = MaskedWLL()
     keep = KeepStates(metric, cfg.select, cfg.snapshot_epochs)
+    cbs = [CSVLogger(fname=f"log_{tag}.csv"), keep]
+    from lib.train import resolve_precision  # the CNN stage's rule: bf16 (fp16 on older GPUs) on CUDA, none on CPU
+
+    precision = resolve_precision(cfg.mixed_precision, device)
+    if precision:
+        cbs.append(MixedPrecision(precision))
     learn = Learner(dls, model, loss_func=SeqLoss(cfg.aux_weight), metrics=[metric], wd=cfg.wd, path=out_dir,
-                    model_dir=".", cbs=[CSVLogger(fname=f"log_{tag}.csv"), keep])
+                    model_dir=".", cbs=cbs)
     with (nullcontext() if cfg.progress else learn.no_bar()), (nullcontext() if cfg.progress else learn.no_logging()):
         learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr)
     if not keep.states:

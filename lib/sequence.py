@@ -225,6 +225,7 @@ def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
     logits, y: (B, L, 6); mask: bool (B, L). Equals `lib.metrics.weighted_log_loss` of sigmoid(logits) on the
     unmasked slices (without its clipping).
     """
+    logits = logits.float()  # bf16/fp16 logits under mixed precision: the loss is summed in float32
     w = torch.as_tensor(WEIGHTS, dtype=logits.dtype, device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none")
     per_slice = (bce * w).sum(-1) / w.sum()

@@ -45,11 +45,11 @@ from fastcore.basics import noop
 from fastcore.foundation import L
 from functools import partial
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lib import ddp
 from lib.augment import AUGMENTATIONS, create_transform
-from lib.data import IMAGENET_MEAN, IMAGENET_STD, MODES, ImageDataset, SubsampleSampler, worker_init_fn
+from lib.data import IMAGENET_MEAN, IMAGENET_STD, MODES, ImageDataset, ImageLoader, SubsampleSampler, \
+    worker_init_fn
 from lib.labels import SUBTYPES, WEIGHTS, read_labels
 from lib.models import MODEL_ZOO, create_model
 from lib.paths import RunPaths, atomic_write_text
@@ -374,8 +374,8 @@ def build_dataloaders(cache_dir: PathLike, split: Tuple[np.ndarray, ...], cfg: T
                                rank=env.rank, num_replicas=env.world_size)
     loader = dict(num_workers=cfg.num_workers, collate_fn=collate_xy, worker_init_fn=worker_init_fn,
                   pin_memory=env.device.type == "cuda")
-    train_dl = DataLoader(train_ds, batch_size=cfg.bs, sampler=sampler, drop_last=len(sampler) > cfg.bs, **loader)
-    valid_dl = DataLoader(valid_ds, batch_size=cfg.bs * 2, shuffle=False, **loader,
+    train_dl = ImageLoader(train_ds, batch_size=cfg.bs, sampler=sampler, drop_last=len(sampler) > cfg.bs, **loader)
+    valid_dl = ImageLoader(valid_ds, batch_size=cfg.bs * 2, shuffle=False, **loader,
                           sampler=ddp.ShardSampler(len(valid_ds), env.rank, env.world_size))
     dls = DataLoaders(train_dl, valid_dl, path=".")
     dls._device = env.device  # plain torch DataLoaders have no .to(); fastai moves each batch to dls.device

@@ -1,6 +1,8 @@
 """Datasets (single / adjacent slices), neighbours, negative subsampling + DDP sharding, augmentation recipes."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lib.augment import AUGMENTATIONS, create_transform, recipe_options
-from lib.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, SubsampleSampler, epoch_subsample, neighbours, \
+from lib.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, ImageLoader, SubsampleSampler, epoch_subsample, neighbours, \
     subsample_size, worker_init_fn
 from lib.windowing import load_cached
 
@@ -213,6 +215,20 @@ class _FlipProbe(torch.utils.data.Dataset):
 
 def test_worker_init_fn_gives_workers_distinct_augmentation_streams() -> None:
     torch.manual_seed(0)
-    batches = [b.tolist() for b in DataLoader(_FlipProbe(), batch_size=16, num_workers=2,
+    batches = [b.tolist() for b in ImageLoader(_FlipProbe(), batch_size=16, num_workers=2,
                                               worker_init_fn=worker_init_fn)]
     assert batches[0] != batches[1]  # without worker_init_fn both forked workers replay the same albumentations RNG
+
+
+def test_loader_workers_survive_busy_cv2_threads_in_parent(tmp_path: Path) -> None:
+    """Regression (seen on a 16-core GPU box): after cv2's thread pool had run in the parent, forked DataLoader
+    workers hung for ever in their first cv2 call. lib.data.ImageLoader shuts the pool down around the fork."""
+    code = ("import cv2, numpy as np; from lib.data import ImageLoader, worker_init_fn; "
+            "from tests.test_data import _FlipProbe; cv2.setNumThreads(4); "
+            "[cv2.resize(np.ones((2048, 2048), np.float32), (999, 999)) for _ in range(5)]; "
+            "b = [x.tolist() for x in ImageLoader(_FlipProbe(), batch_size=16, num_workers=2, "
+            "worker_init_fn=worker_init_fn)]; print(len(b), cv2.getNumThreads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "4"]  # every batch arrived; the parent's cv2 threads are restored

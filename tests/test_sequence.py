@@ -254,9 +254,14 @@ def neighbour_task(n_series: int, seed: int):
     return index, emb, lg.astype(np.float16), rows, labels
 
 
-def test_lstm_beats_per_slice_logits_when_context_matters(tmp_path: Path):
+@pytest.mark.parametrize("head,kwargs,device", [
+    ("lstm", {"hidden": 32, "dropout": 0.0}, "cpu"),
+    pytest.param("lstm", {"hidden": 32, "dropout": 0.0}, "cuda", marks=pytest.mark.gpu),  # bf16 autocast
+    pytest.param("gru_conv", {"mlp_dim": 32, "hidden": 32}, "cuda", marks=pytest.mark.gpu),
+])
+def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: str, kwargs: dict, device: str):
     tr, va = neighbour_task(120, seed=1), neighbour_task(40, seed=2)
-    cfg = SeqConfig(head_kwargs={"hidden": 32, "dropout": 0.0}, epochs=8, lr=1e-2, bs=16, crop=None,
+    cfg = SeqConfig(head=head, head_kwargs=kwargs, epochs=8, lr=1e-2, bs=16, crop=None, device=device,
                     reverse_p=0.5, progress=False, select="last")
     train_ds = SeriesDataset(*tr[:4], labels=tr[4], reverse_p=0.5)
     valid_ds = SeriesDataset(*va[:4], labels=va[4])
