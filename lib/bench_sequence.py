@@ -46,8 +46,8 @@ def add_sequence_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default; 1 is the default "
                    "because 2 threads on a busy 2-core box ran ~7x slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"],
-                   help="autocast on CUDA (auto = bf16, as the sequence stage trains there); CPU runs in float32")
+    p.add_argument("--precision", default="no", choices=["bf16", "no"],
+                   help="bf16 autocast on CUDA (SeqConfig.mixed_precision; default no, as the stage); CPU: float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder for the synthetic files; reused when it matches "
                                                    "(default: a temp dir, removed afterwards)")
@@ -113,7 +113,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> Dict[str, Any]:
 def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     """Train the lstm head for `args.steps` batches; returns timings (data wait vs compute)."""
     torch.manual_seed(args.seed)
-    amp = device.type == "cuda" and args.precision != "no"
+    amp = device.type == "cuda" and args.precision == "bf16"
     model = create_head("lstm", feature_dim(args.dim), hidden=args.hidden).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dl = DataLoader(ds, batch_size=args.bs, shuffle=True, collate_fn=collate_series, num_workers=args.num_workers,
@@ -184,7 +184,8 @@ def run_sequence_bench(args: argparse.Namespace) -> Dict[str, Any]:
                   "peak_rss_gb": round(peak_rss_gb(), 3),
                   "peak_rss_workers_gb": round(peak_rss_gb(True), 3) if args.num_workers else 0.0,
                   "device": str(device),
-                  "precision": "bf16" if device.type == "cuda" and args.precision != "no" else "fp32", "threads": torch.get_num_threads(), "num_workers": args.num_workers, **prep,
+                  "precision": "bf16" if device.type == "cuda" and args.precision == "bf16" else "fp32",
+                  "threads": torch.get_num_threads(), "num_workers": args.num_workers, **prep,
                   "setup_s": round(t2 - t1, 1), **timing, "wall_s": round(time.perf_counter() - t0, 1),
                   "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
         del ds, emb, logits

@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lib.augment import AUGMENTATIONS, create_transform, recipe_options
-from lib.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, ImageLoader, SubsampleSampler, epoch_subsample, neighbours, \
-    subsample_size, worker_init_fn
+from lib.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, ImageLoader, SubsampleSampler, epoch_subsample, \
+    neighbours, subsample_size, worker_init_fn
 from lib.windowing import load_cached
 
 S = 16

@@ -14,7 +14,8 @@ from lib.labels import SUBTYPES
 from lib.metrics import weighted_log_loss
 from lib.seq_heads import HEADS, create_head
 from lib.seq_train import SeqConfig, fit_head, load_models, predict_probs, train_sequence
-from lib.sequence import (SequenceDataError, SeriesDataset, collate_series, feature_dim, masked_weighted_bce,                          reverse_features, slice_features, split_output)
+from lib.sequence import (SequenceDataError, SeriesDataset, collate_series, feature_dim, masked_weighted_bce,
+                          reverse_features, slice_features, split_output)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
@@ -256,13 +257,14 @@ def neighbour_task(n_series: int, seed: int):
 
 @pytest.mark.parametrize("head,kwargs,device", [
     ("lstm", {"hidden": 32, "dropout": 0.0}, "cpu"),
-    pytest.param("lstm", {"hidden": 32, "dropout": 0.0}, "cuda", marks=pytest.mark.gpu),  # bf16 autocast
+    pytest.param("lstm", {"hidden": 32, "dropout": 0.0}, "cuda", marks=pytest.mark.gpu),
     pytest.param("gru_conv", {"mlp_dim": 32, "hidden": 32}, "cuda", marks=pytest.mark.gpu),
 ])
 def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: str, kwargs: dict, device: str):
     tr, va = neighbour_task(120, seed=1), neighbour_task(40, seed=2)
     cfg = SeqConfig(head=head, head_kwargs=kwargs, epochs=8, lr=1e-2, bs=16, crop=None, device=device,
-                    reverse_p=0.5, progress=False, select="last")
+                    mixed_precision="bf16" if device == "cuda" else "no", reverse_p=0.5, progress=False,
+                    select="last")
     train_ds = SeriesDataset(*tr[:4], labels=tr[4], reverse_p=0.5)
     valid_ds = SeriesDataset(*va[:4], labels=va[4])
     models, _ = fit_head(train_ds, valid_ds, cfg, feature_dim(8), tmp_path, tag="sanity")
