@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -178,6 +179,27 @@ def _previous_ok(run_dir: Path) -> Dict[str, Dict[str, Any]]:
     return {s["notebook"]: s["params"] for s in json.loads(path.read_text()).get("stages", []) if s["status"] == "ok"}
 
 
+def _kernel_transport() -> Dict[str, Any]:
+    """On POSIX, talk to each stage's kernel over unix sockets in the temp dir instead of localhost TCP: nothing
+    listens on a port, and ipykernel stops printing its "running over TCP without encryption" warning per stage."""
+    if os.name != "posix":
+        return {}
+    import tempfile
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum, default
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+        @default("ip")
+        def _ip_default(self) -> str:  # socket files <ip>-<port>, removed again at kernel shutdown
+            return os.path.join(tempfile.gettempdir(), f"rsna-kernel-{uuid.uuid4().hex[:12]}")
+
+    return {"kernel_manager_class": IPCKernelManager}
+
+
 def execute(jobs: List[Job], run_dir: Path, header: Dict[str, Any], kernel: str = "python3",
             verbose: bool = False, resume: bool = False) -> int:
     """Run the jobs in order; stop at the first failure. Returns a process exit code."""
@@ -199,7 +221,8 @@ def execute(jobs: List[Job], run_dir: Path, header: Dict[str, Any], kernel: str 
         t0 = time.time()
         try:
             pm.execute_notebook(str(job.notebook), str(out_nb), parameters=job.params, kernel_name=kernel,
-                                cwd=str(REPO), progress_bar=False, log_output=verbose, request_save_on_cell_execute=True)
+                                cwd=str(REPO), progress_bar=False, log_output=verbose, request_save_on_cell_execute=True,
+                                **_kernel_transport())
         except Exception as exc:  # papermill wraps the notebook's own exception
             job.seconds, job.status = round(time.time() - t0, 2), "failed"
             job.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
