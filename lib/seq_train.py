@@ -11,6 +11,7 @@ series it then predicts: slightly optimistic OOF, as in the 1st place); `select=
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import nullcontext
@@ -75,6 +76,7 @@ class SeqConfig:
     inputs: str = "embedding"               # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
     #                                         vector (aligned across fold models: the same meaning in every fold)
     progress: bool = True
+    resume: bool = True                     # reuse a finished head whose inputs and settings match (interrupted runs)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "SeqConfig":
@@ -152,7 +154,7 @@ class KeepStates(Callback):
 
 
 def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, out_dir: Path,
-             tag: str) -> Tuple[List[nn.Module], Dict[str, Any]]:
+             tag: str, fingerprint: str = "") -> Tuple[List[nn.Module], Dict[str, Any]]:
     """Train one head with `fit_one_cycle`; save `{tag}.pth` (+ fastai `log_{tag}.csv`) under out_dir.
 
     Returns the model(s) to predict with (one, or one per snapshot) and a small log dict.
@@ -179,8 +181,11 @@ def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, 
         learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr)
     if not keep.states:
         raise SequenceDataError(f"{tag}: the validation metric was never finite (NaN inputs or a diverged model)")
-    ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "states": keep.states}
-    torch.save(ckpt, out_dir / f"{tag}.pth")
+    ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "states": keep.states,
+            "fingerprint": fingerprint}
+    tmp = out_dir / f".{tag}.pth.tmp"
+    torch.save(ckpt, tmp)
+    tmp.replace(out_dir / f"{tag}.pth")  # atomic: a killed run never leaves a half-written head behind
     log = {"tag": tag, "best_epoch": keep.best_epoch, "valid_wll_best": keep.best if keep.best_epoch >= 0 else None,
            "valid_wll_last": metric.value, "n_states": len(keep.states)}
     return load_models(ckpt, device), log
@@ -221,9 +226,32 @@ class _Run:
         train_ds = ConcatDataset([self.dataset(df, es, train=True) for df, es in parts])
         valid_ds = self.dataset(valid[0], valid[1], train=False)
         out_dir = self.paths.model_dir(fold, name=f"seq_{self.strategy}")
-        models, log = fit_head(train_ds, valid_ds, self.cfg, self.in_dim, out_dir, tag=model)
+        fp = self.fingerprint(parts, valid)
+        done = out_dir / f"{model}.pth"
+        if self.cfg.resume and done.is_file():
+            ckpt = torch.load(done, map_location="cpu", weights_only=True)
+            if ckpt.get("fingerprint") == fp:
+                self.logs.append({"tag": model, "reused": str(done)})
+                return load_models(ckpt, resolve_device(self.cfg.device)), valid_ds
+        models, log = fit_head(train_ds, valid_ds, self.cfg, self.in_dim, out_dir, tag=model, fingerprint=fp)
         self.logs.append(log)
         return models, valid_ds
+
+    def fingerprint(self, parts: List[Tuple[pd.DataFrame, EmbeddingSet]],
+                    valid: Tuple[pd.DataFrame, EmbeddingSet]) -> str:
+        """What a trained head depends on: the training settings, the input size, and per input set its name, its
+        images and its CNN logits (new CNN weights give new logits). Run-only settings are left out."""
+        h = hashlib.sha256()
+        run_only = {"progress", "num_workers", "device", "resume"}
+        h.update(json.dumps({k: v for k, v in asdict(self.cfg).items() if k not in run_only}, sort_keys=True,
+                            default=str).encode())
+        h.update(str(self.in_dim).encode())
+        for df, es in [*parts, valid]:
+            ids = df["image_id"].astype(str).to_numpy()
+            h.update(es.name.encode())
+            h.update("\n".join(ids).encode())
+            h.update(np.ascontiguousarray(es.logits[es.rows.loc[ids].to_numpy()]).tobytes())
+        return h.hexdigest()
 
     def predict(self, model: str, models: List[nn.Module], ds: SeriesDataset, es: EmbeddingSet,
                 df: pd.DataFrame) -> pd.DataFrame:

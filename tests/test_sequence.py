@@ -273,3 +273,23 @@ def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: 
     per_slice = 1 / (1 + np.exp(-va[2].astype(np.float64)[va[3][pred.index].to_numpy()]))
     seq_loss, cnn_loss = weighted_log_loss(y, pred.to_numpy()), weighted_log_loss(y, per_slice)
     assert seq_loss < 0.5 * cnn_loss, (seq_loss, cnn_loss)
+
+
+def test_rerun_reuses_finished_heads_and_retrains_what_changed(tmp_path: Path):
+    index, folds, labels, _ = fake_run(tmp_path)
+    cfg = SeqConfig(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), progress=False)
+    first = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")
+    assert not any("reused" in log for log in first["logs"])
+    again = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")  # e.g. after a kill
+    assert all("reused" in log for log in again["logs"]) and len(again["logs"]) == 3
+    pd.testing.assert_frame_equal(first["oof"], again["oof"])
+    (tmp_path / "models/seq_pooled/fold1/outer1.pth").unlink()  # killed while training outer1
+    partial = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")
+    assert ["reused" in log for log in partial["logs"]] == [True, False, True]
+    pd.testing.assert_frame_equal(first["oof"], partial["oof"])  # the retrained head is the same head
+    changed = train_sequence(tmp_path, index, folds, labels, SeqConfig(**{**cfg.__dict__, "epochs": 2}),
+                             strategy="pooled")
+    assert not any("reused" in log for log in changed["logs"])
+    fresh = train_sequence(tmp_path, index, folds, labels, SeqConfig(**{**cfg.__dict__, "resume": False}),
+                           strategy="pooled")
+    assert not any("reused" in log for log in fresh["logs"])
