@@ -112,7 +112,8 @@ def plan(params_path: Path, data_dir: Path, run_dir: Path, only: Optional[Sequen
     unused = [k for k in common if not any(k in d for d in declared.values())]
     if unused:
         valid = sorted({k for d in declared.values() for k in d} - set(RUNNER_KEYS))
-        raise ParamsError(f"{params_path}: `common` keys {unused} are parameters of no listed stage; valid keys: {valid}")
+        raise ParamsError(f"{params_path}: `common` keys {unused} are parameters of no listed stage; "
+                          f"valid keys: {valid}")
     jobs: List[Job] = []
     for stage, over in cfg["stages"].items():
         if only and stage not in only:
@@ -221,8 +222,8 @@ def execute(jobs: List[Job], run_dir: Path, header: Dict[str, Any], kernel: str 
         t0 = time.time()
         try:
             pm.execute_notebook(str(job.notebook), str(out_nb), parameters=job.params, kernel_name=kernel,
-                                cwd=str(REPO), progress_bar=False, log_output=verbose, request_save_on_cell_execute=True,
-                                **_kernel_transport())
+                                cwd=str(REPO), progress_bar=False, log_output=verbose,
+                                request_save_on_cell_execute=True, **_kernel_transport())
         except Exception as exc:  # papermill wraps the notebook's own exception
             job.seconds, job.status = round(time.time() - t0, 2), "failed"
             job.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
