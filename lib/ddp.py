@@ -53,6 +53,22 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "no")
+
+
+def resolve_precision(setting: str, device: torch.device) -> Optional[str]:
+    """'auto' -> 'bf16' (or 'fp16' on GPUs without bf16) on CUDA and None on CPU; 'no' -> None."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {setting!r}")
+    if setting == "no" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"mixed_precision={setting!r} needs CUDA (device is {device}); use 'auto' or 'no'")
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return setting
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -74,9 +90,8 @@ def process_group(device: str = "auto") -> Iterator[DistEnv]:
         yield current(device)
         return
     env = current(device)
-    if env.device.type == "cuda":
-        torch.cuda.set_device(env.device)
     if env.device.type == "cuda":  # naming the device avoids nccl guessing it from the global rank
+        torch.cuda.set_device(env.device)
         dist.init_process_group(backend="nccl", device_id=env.device)
     else:
         dist.init_process_group(backend="gloo")

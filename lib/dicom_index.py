@@ -22,6 +22,7 @@ from pydicom.dataelem import RawDataElement
 from tqdm import tqdm
 
 from .dicom import DicomError, PathLike, describe_read_error, greyscale_problem, pixel_bytes
+from .paths import atomic_write
 
 #: Columns written by the header pass, in order, with their pandas dtypes ("str" = pandas' default string dtype).
 INDEX_COLUMNS: Dict[str, str] = {
@@ -328,9 +329,7 @@ def _save(df: Optional[pd.DataFrame], out: Optional[Path], bad_out: Path, bad_df
         targets.append((out, lambda p: df.to_parquet(p, index=False)))
     for path, write in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, write)
 
 
 def order_slices(df: pd.DataFrame, series_key: str = "series_uid") -> pd.DataFrame:

@@ -61,6 +61,16 @@ def align(preds: Mapping[str, pd.DataFrame]) -> Tuple[pd.Index, np.ndarray]:
     return ref, stacked
 
 
+def mean_frames(frames: list) -> pd.DataFrame:
+    """Average prediction frames (same columns) over models, aligned on the first frame's index; frames covering
+    different images are an error (a silent reindex would average in NaNs)."""
+    ref = frames[0].index
+    for f in frames[1:]:
+        if len(f) != len(ref) or not f.index.isin(ref).all():
+            raise ValueError("predictions of different models cover different images")
+    return sum(f.reindex(ref) for f in frames) / len(frames)
+
+
 def _weight_matrix(names: list, weights: Weights) -> np.ndarray:
     """Weights dict (scalar or per-class (6,) values) -> (M, 6) matrix; checks names, sign and column sums."""
     if set(weights) != set(names):

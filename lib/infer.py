@@ -113,13 +113,7 @@ def seq_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, strategy: str, d
             per_fold.setdefault(k, []).append(predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip,
                                                             progress=progress))
     groups = [[f for fs in per_fold.values() for f in fs]] if entry["aggregate"] == "pairs" else list(per_fold.values())
-    means = [_mean(g) for g in groups]
-    return _mean(means)
-
-
-def _mean(frames: List[pd.DataFrame]) -> pd.DataFrame:
-    ref = frames[0].index
-    return sum(f.reindex(ref) for f in frames) / len(frames)
+    return ensemble.mean_frames([ensemble.mean_frames(g) for g in groups])
 
 
 def blend_test(bundle: Bundle, preds: Dict[str, pd.DataFrame]) -> pd.DataFrame:

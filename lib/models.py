@@ -31,8 +31,8 @@ MODEL_ZOO: Dict[str, Dict[str, Any]] = {
     "densenet169": {"timm": "densenet169", "note": "1st place (SeuTao) 2D model"},
     "efficientnet_b3": {"timm": "efficientnet_b3", "note": "modern mid-size baseline"},
     "resnet18": {"timm": "resnet18", "note": "tiny: tests"},
-    "resnet10t": {"timm": "resnet10t", "note": "CPU demo (`make demo`) at 96 px: from scratch it learned the phantom "
-                                          "far better than convnext_atto at 64 px (OOF 0.18 vs 0.25)"},
+    "resnet10t": {"timm": "resnet10t", "note": "CPU demo (`make demo`) at 64 px: from scratch it learned the phantom "
+                                          "far better than convnext_atto (OOF 0.18 vs 0.25)"},
     "convnext_atto": {"timm": "convnext_atto", "note": "tiny ConvNeXt: tests and demo runs"},
 }
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -106,18 +106,25 @@ class CompetitionData:
         return self
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write text via a temp file + rename, so readers never see a half-written file."""
+def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` to a temp file beside `path`, then rename it over `path`: readers (and a resumed run) never see
+    a half-written file, and a failed or killed write leaves the old one in place. The folder must exist."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write text via a temp file + rename (creating the folder), so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 @dataclass(frozen=True)

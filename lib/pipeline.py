@@ -11,6 +11,7 @@ import pandas as pd
 from scipy.special import expit
 
 from . import dicom
+from .ensemble import mean_frames
 from .labels import SUBTYPES
 from .paths import CompetitionData, RunPaths, atomic_write_text
 
@@ -138,6 +139,6 @@ def cnn_predictions(rp: RunPaths, folds: pd.DataFrame) -> Optional[Dict[str, pd.
             _, lg, idx = load_embeddings(rp.embeddings_dir / f"test_fold{k}")
             probs = expit(lg[idx["row"].to_numpy()].astype(np.float64))
             frames.append(pd.DataFrame(probs, index=idx["image_id"].astype(str), columns=list(SUBTYPES)))
-        test = sum(f.reindex(frames[0].index) for f in frames) / len(frames)
+        test = mean_frames(frames)
         test.index.name = "image_id"
     return {"oof": oof, "test": test}

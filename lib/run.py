@@ -210,6 +210,7 @@ def execute(jobs: List[Job], run_dir: Path, header: Dict[str, Any], kernel: str 
     nb_dir = run_dir / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
+    transport = _kernel_transport()
     for i, job in enumerate(jobs, 1):
         out_nb = nb_dir / f"{job.tag}.ipynb"
         if done.get(f"notebooks/{job.tag}.ipynb") == job.params:
@@ -223,7 +224,7 @@ def execute(jobs: List[Job], run_dir: Path, header: Dict[str, Any], kernel: str 
         try:
             pm.execute_notebook(str(job.notebook), str(out_nb), parameters=job.params, kernel_name=kernel,
                                 cwd=str(REPO), progress_bar=False, log_output=verbose,
-                                request_save_on_cell_execute=True, **_kernel_transport())
+                                request_save_on_cell_execute=True, **transport)
         except Exception as exc:  # papermill wraps the notebook's own exception
             job.seconds, job.status = round(time.time() - t0, 2), "failed"
             job.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"

@@ -35,7 +35,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .labels import SUBTYPES, WEIGHTS, wide_to_long
 from .metrics import metric_report
-from .paths import PathLike, RunPaths, atomic_write_text
+from .paths import PathLike, RunPaths, atomic_write, atomic_write_text
+from .ddp import resolve_precision
+from .ensemble import mean_frames
 from .registry import Registry
 from .seq_heads import create_head
 from .sequence import (EmbeddingSet, SeriesDataset, SeqLoss, SequenceDataError, collate_for_learner, feature_dim,
@@ -170,9 +172,7 @@ def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, 
     metric = MaskedWLL()
     keep = KeepStates(metric, cfg.select, cfg.snapshot_epochs)
     cbs = [CSVLogger(fname=f"log_{tag}.csv"), keep]
-    from lib.train import resolve_precision  # the CNN stage's rule: bf16 (fp16 on older GPUs) on CUDA, none on CPU
-
-    precision = resolve_precision(cfg.mixed_precision, device)
+    precision = resolve_precision(cfg.mixed_precision, device)  # the CNN stage's rule
     if precision:
         cbs.append(MixedPrecision(precision))
     learn = Learner(dls, model, loss_func=SeqLoss(cfg.aux_weight), metrics=[metric], wd=cfg.wd, path=out_dir,
@@ -183,9 +183,7 @@ def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, 
         raise SequenceDataError(f"{tag}: the validation metric was never finite (NaN inputs or a diverged model)")
     ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "states": keep.states,
             "fingerprint": fingerprint}
-    tmp = out_dir / f".{tag}.pth.tmp"
-    torch.save(ckpt, tmp)
-    tmp.replace(out_dir / f"{tag}.pth")  # atomic: a killed run never leaves a half-written head behind
+    atomic_write(out_dir / f"{tag}.pth", lambda tmp: torch.save(ckpt, tmp))  # a killed run leaves no half head
     log = {"tag": tag, "best_epoch": keep.best_epoch, "valid_wll_best": keep.best if keep.best_epoch >= 0 else None,
            "valid_wll_last": metric.value, "n_states": len(keep.states)}
     return load_models(ckpt, device), log
@@ -223,7 +221,6 @@ class _Run:
         for df, es in parts:
             self.note(model, "train", es, df)
         self.note(model, "valid", valid[1], valid[0])
-        train_ds = ConcatDataset([self.dataset(df, es, train=True) for df, es in parts])
         valid_ds = self.dataset(valid[0], valid[1], train=False)
         out_dir = self.paths.model_dir(fold, name=f"seq_{self.strategy}")
         fp = self.fingerprint(parts, valid)
@@ -233,6 +230,7 @@ class _Run:
             if ckpt.get("fingerprint") == fp:
                 self.logs.append({"tag": model, "reused": str(done)})
                 return load_models(ckpt, resolve_device(self.cfg.device)), valid_ds
+        train_ds = ConcatDataset([self.dataset(df, es, train=True) for df, es in parts])
         models, log = fit_head(train_ds, valid_ds, self.cfg, self.in_dim, out_dir, tag=model, fingerprint=fp)
         self.logs.append(log)
         return models, valid_ds
@@ -296,16 +294,8 @@ def _per_fold(run: _Run) -> Tuple[List[pd.DataFrame], List[pd.DataFrame]]:
             oof.append(run.predict(name, models, valid_ds, es, va_df))
             per_k += run.predict_test(name, models, [k])
         if per_k:
-            test.append(_mean_frames(per_k))
+            test.append(mean_frames(per_k))
     return oof, test
-
-
-def _mean_frames(frames: List[pd.DataFrame]) -> pd.DataFrame:
-    ref = frames[0].index
-    for f in frames[1:]:
-        if len(f) != len(ref) or not f.index.isin(ref).all():
-            raise SequenceDataError("test predictions of different models cover different images")
-    return sum(f.reindex(ref) for f in frames) / len(frames)
 
 
 def _train_table(index_df: pd.DataFrame, folds: pd.DataFrame, labels: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -340,7 +330,7 @@ def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFram
     run = _Run(cfg, paths, strategy, train, labels, oof_sets, test_sets, test_index_df,
                feature_dim(slice_vectors(oof_sets[ks[0]], cfg).shape[1]))
     oof_parts, test_parts = runner(run)
-    test = _mean_frames(test_parts) if test_parts else None
+    test = mean_frames(test_parts) if test_parts else None
     oof, expected = pd.concat(oof_parts), train["image_id"].astype(str).to_numpy()
     if oof.index.duplicated().any() or len(oof) != len(expected) or not oof.index.isin(expected).all():
         raise SequenceDataError(f"{strategy}: OOF predictions do not cover every labelled image exactly once")

@@ -44,6 +44,7 @@ from functools import partial
 from torch import nn
 
 from lib import ddp
+from lib.ddp import PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from lib.augment import AUGMENTATIONS, create_transform
 from lib.data import IMAGENET_MEAN, IMAGENET_STD, MODES, ImageDataset, ImageLoader, SubsampleSampler, \
     worker_init_fn
@@ -58,7 +59,6 @@ PathLike = Union[str, Path]
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULES: Registry = Registry("lr schedule")
 OPTIMIZERS: Registry = Registry("optimizer")
-PRECISIONS = ("auto", "bf16", "fp16", "no")
 # changing these between a killed run and its resume would silently change the experiment
 _RESUME_FREE = {"resume", "num_workers", "device", "save_every_epoch", "keep_optimizer", "patience"}
 
@@ -161,19 +161,6 @@ def _fit_cosine(learn: Learner, cfg: TrainConfig, cbs: list, start_epoch: int) -
 def _fit_constant(learn: Learner, cfg: TrainConfig, cbs: list, start_epoch: int) -> None:
     """Constant lr (the 2nd place: Adam 2e-5, no scheduler)."""
     learn.fit(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
-
-
-def resolve_precision(setting: str, device: torch.device) -> Optional[str]:
-    """'auto' -> 'bf16' (or 'fp16' on GPUs without bf16) on CUDA and None on CPU; 'no' -> None."""
-    if setting not in PRECISIONS:
-        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {setting!r}")
-    if setting == "no" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda":
-        raise ValueError(f"mixed_precision={setting!r} needs CUDA (device is {device}); use 'auto' or 'no'")
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return setting
 
 
 # ---------------------------------------------------------------- data

@@ -4,7 +4,6 @@ runs (fold -1)."""
 from __future__ import annotations
 
 import csv
-import os
 import random
 import time
 from dataclasses import asdict
@@ -18,7 +17,7 @@ from fastai.callback.progress import CSVLogger
 
 from lib import ddp
 from lib.data import SubsampleSampler
-from lib.paths import atomic_write_text
+from lib.paths import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from lib.train import TrainConfig
@@ -100,9 +99,7 @@ def truncate_log(path: Path, start_epoch: int) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _plain(v: Any) -> Any:

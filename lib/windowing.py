@@ -251,6 +251,7 @@ def _encode(img: np.ndarray, fmt: str) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """lib.paths.atomic_write for one cache image, without its mkstemp + reopen (this runs once per image)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
