@@ -117,7 +117,7 @@ def _best_interleaved(fns: Dict[str, Callable[[Path], None]], repeat: int) -> Di
 def bench_preprocess(data: str, n: int = 200, size: int = 256, workers: Optional[int] = None,
                      repeat: int = 5, policy: str = "brain_subdural_soft") -> Dict[str, float]:
     """Throughput of decode-only, the naive conversion and `build_cache` (1 process, all cores); see module doc."""
-    from lib.windowing import build_cache, keep_freed_memory
+    from lib.windowing import build_cache, cv2_single_thread, keep_freed_memory
 
     files = pick_files(CompetitionData.at(data).train_dir, n)
     if not files:
@@ -128,15 +128,11 @@ def bench_preprocess(data: str, n: int = 200, size: int = 256, workers: Optional
     items = [(f.stem, f) for f in files]
     one_proc = {"ceiling": lambda _: _decode_only(files), "naive": lambda d: _naive(files, d, size),
                 "ours_1proc": lambda d: build_cache(items, d, policy, size, workers=1, progress=False)}
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
+    with cv2_single_thread():
         naive_default = _best_interleaved({"naive": one_proc["naive"]}, repeat)["naive"][0]
         keep_freed_memory()  # what build_cache does; applied to every measurement below for a fair comparison
         t = _best_interleaved({**one_proc, "ours_parallel": lambda d: build_cache(
             items, d, policy, size, workers=workers, progress=False)}, repeat)
-    finally:
-        cv2.setNumThreads(threads)
     ips = {k: n / wall for k, (wall, _) in t.items()}
     cpu_ms = {k: 1e3 * cpu / n for k, (_, cpu) in t.items()}
     return {"n": n, "size": size, "policy": policy, "ceiling_ips": round(ips["ceiling"], 1),

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lib.labels import SUBTYPES
-from lib.windowing import load_cached
+from lib.windowing import cv2_single_thread, load_cached
 
 PathLike = Union[str, Path]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,18 +126,14 @@ class ImageLoader(DataLoader):
     Linux DataLoader workers are forked. When the parent had run cv2 with its thread pool (a notebook that showed
     images, the main-process validation path), a forked worker inherits that pool's lock state and hangs for ever
     in its first cv2 call (seen on a 16-core GPU box; tests/test_data.py reproduces it on 2 cores). The pool is set
-    to one thread (which stops its threads) only while the workers start, then restored.
+    to one thread (which stops its threads) only while the workers start (`lib.windowing.cv2_single_thread`).
     """
 
     def _get_iterator(self):  # the one place torch starts worker processes (once with persistent_workers)
         if self.num_workers == 0:
             return super()._get_iterator()
-        threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
-        try:
+        with cv2_single_thread():
             return super()._get_iterator()
-        finally:
-            cv2.setNumThreads(threads)
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -17,11 +17,12 @@ import json
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -288,6 +289,20 @@ def keep_freed_memory() -> None:
         pass
 
 
+@contextmanager
+def cv2_single_thread() -> Iterator[None]:
+    """cv2 on one thread (its pool's worker threads stopped) inside the block, the previous setting after it.
+
+    Around a fork: a child that inherits cv2's pool state hangs for ever in its first cv2 call (cache workers here,
+    DataLoader workers in lib.data.ImageLoader). Around a benchmark: every pipeline measured on one core."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent, which ends the pool
     cv2.setNumThreads(1)  # processes are the parallelism; cv2's own threads would oversubscribe the cores
@@ -299,12 +314,8 @@ def _make_pool(workers: int) -> Pool:
     the fork: a child that inherits cv2 worker-thread state hangs for ever in its first cv2 call. Elsewhere:
     spawn (workers re-import `__main__`, so it must be a real file or a `-m` module)."""
     if sys.platform.startswith("linux"):
-        threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
-        try:
+        with cv2_single_thread():
             return get_context("fork").Pool(workers, initializer=_worker_init)
-        finally:
-            cv2.setNumThreads(threads)
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file and not os.path.exists(main_file):
         raise RuntimeError(f"worker processes re-import __main__, but {main_file!r} is not a file (a script piped "
