@@ -38,9 +38,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VPY) -m pytest -m "not slow"
 
+# MPLBACKEND=Agg (exported above for plain processes) must not reach the lab's kernels: they draw inline
 lab: $(STAMP)
 	$(VPY) -m ipykernel install --user --name rsna-ich --display-name "RSNA ICH (.venv)"
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	env -u MPLBACKEND $(VENV)/bin/jupyter lab --notebook-dir=.
 
 bench: $(STAMP) data
 	$(VPY) -m lib.bench preprocess --data $(DEMO_DATA)

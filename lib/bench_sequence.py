@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from lib.progress import progress_bar
 
 from .labels import SUBTYPES
 from .seq_heads import create_head
@@ -84,7 +84,7 @@ def write_embeddings(path: Path, n_rows: int, dim: int, rng: np.random.Generator
     del mm
     with open(path, "r+b") as fh:
         fh.seek(header)
-        for start in tqdm(range(0, n_rows, CHUNK_ROWS), desc="write embeddings", file=sys.stderr):
+        for start in progress_bar(range(0, n_rows, CHUNK_ROWS), desc="write embeddings", file=sys.stderr):
             rows = min(CHUNK_ROWS, n_rows - start)
             fh.write(pool[rng.integers(0, CHUNK_ROWS, size=rows)].tobytes())
 
@@ -122,7 +122,7 @@ def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.devic
     done, slices, first = 0, 0, 0.0
     t_prev = time.perf_counter()
     steps = int(np.ceil(args.epochs * len(ds) / args.bs)) if args.epochs else args.steps
-    bar = tqdm(total=steps, desc="train lstm", file=sys.stderr)
+    bar = progress_bar(total=steps, desc="train lstm", file=sys.stderr)
     for batch in _cycle(dl):
         t1 = time.perf_counter()
         t_data += t1 - t_prev

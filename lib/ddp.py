@@ -18,6 +18,7 @@ from typing import Any, Iterator, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from lib import fastai_quiet  # noqa: F401  (before fastai: silences its torch.jit FutureWarning)
 from fastai.callback.core import Callback
 from fastai.learner import AvgLoss, Metric
 from torch import nn

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.dataelem import RawDataElement
-from tqdm import tqdm
+from lib.progress import progress_bar
 
 from .dicom import DicomError, PathLike, describe_read_error, greyscale_problem, pixel_bytes
 from .paths import atomic_write
@@ -260,7 +260,7 @@ def _scan_all(files: List[str], workers: Optional[int], progress: bool,
     chunksize = chunksize or max(1, min(512, math.ceil(len(files) / (workers * 8))))
     chunks = [files[i:i + chunksize] for i in range(0, len(files), chunksize)]
     rows, bad = [], []
-    with tqdm(total=len(files), desc="DICOM headers", unit="file", disable=not progress) as bar:
+    with progress_bar(total=len(files), desc="DICOM headers", unit="file", disable=not progress) as bar:
         def collect(result: Tuple[List[tuple], List[Tuple[str, str]]], n: int) -> None:
             rows.extend(result[0])
             bad.extend(result[1])

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from lib.progress import progress_bar
 
 from lib.augment import create_transform
 from lib.data import ImageDataset, ImageLoader, worker_init_fn
@@ -103,7 +103,7 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
     dim = embedding_dim(model)
     emb_out = np.lib.format.open_memmap(tmp["embeddings"], mode="w+", dtype=np.float16, shape=(len(ids), dim))
     logits_out = np.zeros((len(ids), len(SUBTYPES)), np.float16)
-    for batch in tqdm(dl, desc=f"embed {prefix.name}", unit="batch", leave=False):
+    for batch in progress_bar(dl, desc=f"embed {prefix.name}", unit="batch", leave=False):
         x = batch["image"].to(dev, non_blocking=True)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -5,6 +5,7 @@ Downstream stages find upstream artefacts through `RunPaths.lookup(name)`, never
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -106,6 +107,14 @@ class CompetitionData:
         return self
 
 
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
     """`write(tmp)` to a temp file beside `path`, then rename it over `path`: readers (and a resumed run) never see
     a half-written file, and a failed or killed write leaves the old one in place. The folder must exist."""
@@ -114,6 +123,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; the result gets the mode its siblings get (0644 usually)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from lib.progress import progress_bar
 
 from lib.labels import SUBTYPES
 from lib.phantom_anatomy import BLEED_KINDS, Bleed, Head, Pose, Renderer
@@ -473,7 +473,7 @@ def generate(out_dir: PathLike, studies: int = 40, seed: int = 0, size: int = 51
     plans = plan_dataset(seed, studies, size, test_frac, (int(slices[0]), int(slices[1])))
     workers = min(os.cpu_count() or 1, 4, studies) if workers <= 0 else min(workers, studies)
     results: Dict[int, Tuple[List[Dict], List[Dict]]] = {}
-    with tqdm(total=sum(len(p.image_ids) for p in plans), desc="phantom", unit="img", disable=not progress) as bar:
+    with progress_bar(total=sum(len(p.image_ids) for p in plans), desc="phantom", unit="img", disable=not progress) as bar:
         if workers == 1:
             for p in plans:
                 results[p.index] = render_study(p, out)

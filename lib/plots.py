@@ -1,16 +1,36 @@
-"""Plots for the notebooks: each function takes data and returns a matplotlib Figure (no file I/O here)."""
+"""Plots for the notebooks: each function takes data and returns a matplotlib Figure; `save` writes one as PNG.
+
+No backend is chosen here: a notebook kernel draws inline (the runner pins matplotlib_inline for its kernels, see
+`lib.run.kernel_env`), a plain process uses MPLBACKEND or matplotlib's headless default.
+"""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import re
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Union
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use(matplotlib.get_backend())  # honour MPLBACKEND (Agg headless)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from .labels import SUBTYPES
+from .paths import atomic_write
 
-from .labels import SUBTYPES  # noqa: E402
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def save(fig: plt.Figure, folder: Union[str, Path], name: str, dpi: int = 110) -> Path:
+    """Write `fig` as `folder/<name>.png` (atomic) and return the path; the figure stays open for display.
+
+    `name` says what the figure shows (e.g. `learning_curves_fold0`): letters, digits, `_`, `-` and `.` only.
+    """
+    if not _NAME.match(name) or ".." in name:
+        raise ValueError(f"figure name {name!r}: use letters, digits, '_', '-' and '.' (it becomes a file name)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    return path
 
 
 def prevalence(labels: pd.DataFrame) -> plt.Figure:
@@ -80,29 +100,47 @@ def image_grid(images: Sequence[np.ndarray], titles: Optional[Sequence[str]] = N
     return fig
 
 
-def learning_curves(log: pd.DataFrame, title: str = "") -> plt.Figure:
-    """fastai CSVLogger table -> train/valid loss (and metric columns) per epoch."""
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for col in log.columns:
-        if col in ("epoch", "time"):
-            continue
-        vals = pd.to_numeric(log[col], errors="coerce")
-        if vals.notna().any():
-            ax.plot(log["epoch"] if "epoch" in log else np.arange(len(log)), vals, marker="o", label=col)
-    ax.set_xlabel("epoch")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+def learning_curves(log: pd.DataFrame, title: str = "", best_epoch: Optional[int] = None,
+                    per_class_prefix: str = "logloss_") -> plt.Figure:
+    """fastai CSVLogger table -> losses and metric per epoch (left) and the per-class validation losses (right,
+    columns starting with `per_class_prefix`, when there are any); `best_epoch` is marked."""
+    epochs = pd.to_numeric(log["epoch"], errors="coerce") if "epoch" in log else pd.Series(np.arange(len(log)))
+    per_class = [c for c in log.columns if c.startswith(per_class_prefix)]
+    main = [c for c in log.columns if c not in ("epoch", "time") and c not in per_class]
+    fig, axes = plt.subplots(1, 2 if per_class else 1, figsize=(11 if per_class else 6, 3.2), squeeze=False)
+    for ax, cols in zip(axes[0], (main, per_class)):
+        for col in cols:
+            vals = pd.to_numeric(log[col], errors="coerce")
+            if vals.notna().any():
+                ax.plot(epochs, vals, marker="o", label=col.removeprefix(per_class_prefix) if ax is not axes[0, 0]
+                        else col)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", ls=":", lw=1, label=f"best epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+        if len(epochs):
+            ax.set_xticks(sorted(set(int(e) for e in epochs.dropna())))
+    axes[0, 0].set_ylabel("loss (weighted log loss)")
+    axes[0, 0].set_title(title or "learning curves", fontsize=9)
+    if per_class:
+        axes[0, 1].set_ylabel("validation log loss")
+        axes[0, 1].set_title("per class (validation)", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def series_strip(images: Sequence[np.ndarray], probs: Optional[np.ndarray] = None,
-                 truth: Optional[np.ndarray] = None, label: str = "any", size: float = 1.3) -> plt.Figure:
-    """One series as a strip of slices, with the predicted probability and the label of `label` per slice."""
+def series_strip(images: Sequence[np.ndarray], probs: Union[None, np.ndarray, Mapping[str, np.ndarray]] = None,
+                 truth: Optional[np.ndarray] = None, label: str = "any", size: float = 1.3,
+                 title: str = "") -> plt.Figure:
+    """One series as a strip of slices in order (index along the slice normal above each), with the label of
+    `label` per slice as bars and each model's predicted probability per slice as a line (`probs`: one array,
+    or {model name: array})."""
     n = len(images)
-    rows = 2 if probs is not None or truth is not None else 1
-    fig = plt.figure(figsize=(max(size * n, 4), size + (1.6 if rows == 2 else 0)))
-    gs = fig.add_gridspec(rows, n, height_ratios=[size, 1.6][:rows])
+    if probs is not None and not isinstance(probs, Mapping):
+        probs = {"predicted": probs}
+    rows = 2 if probs or truth is not None else 1
+    fig = plt.figure(figsize=(max(size * n, 4), size + (1.8 if rows == 2 else 0) + (0.3 if title else 0)))
+    gs = fig.add_gridspec(rows, n, height_ratios=[size, 1.8][:rows])
     for i, img in enumerate(images):
         ax = fig.add_subplot(gs[0, i])
         ax.imshow(img, cmap="gray" if np.ndim(img) == 2 else None)
@@ -112,12 +150,15 @@ def series_strip(images: Sequence[np.ndarray], probs: Optional[np.ndarray] = Non
         ax = fig.add_subplot(gs[1, :])
         x = np.arange(n)
         if truth is not None:
-            ax.bar(x, truth, color="tab:red", alpha=0.3, label=f"label {label}")
-        if probs is not None:
-            ax.plot(x, probs, "k.-", label=f"predicted {label}")
+            ax.bar(x, np.asarray(truth, dtype=float), color="tab:red", alpha=0.3, width=0.9, label=f"label {label}")
+        for (name, p), style in zip((probs or {}).items(), ("k.-", "b.--", "g.:", "m.-.")):
+            ax.plot(x, np.asarray(p, dtype=float), style, label=f"{name} P({label})")
         ax.set_xlim(-0.5, n - 0.5)
         ax.set_ylim(0, 1.05)
+        ax.set_ylabel("probability", fontsize=8)
         ax.legend(fontsize=7, loc="upper right")
-        ax.set_xlabel("slice (ordered along the slice normal)")
+        ax.set_xlabel("slice (ordered along the slice normal)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

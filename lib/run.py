@@ -22,14 +22,16 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
 from .paths import atomic_write_text
+from .report_html import write_html_report
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -45,6 +47,7 @@ PIPELINE: Dict[str, str] = {
     "report": "06_report.ipynb",
     "inference": "07_inference.ipynb",
 }
+REPORT_STAGE = "report"  # its executed notebook becomes OUT/report.html
 RUNNER_KEYS = ("data_dir", "run_dir")  # injected by the runner, never set in YAML
 EXPANDABLE = ("fold",)  # a list value runs the stage once per item
 TOP_KEYS = ("common", "stages", "description")
@@ -201,16 +204,54 @@ def _kernel_transport() -> Dict[str, Any]:
     return {"kernel_manager_class": IPCKernelManager}
 
 
+#: What every notebook kernel the runner starts gets in its environment, whatever the parent process has: figures
+#: drawn inline into the executed notebook (the Makefile exports MPLBACKEND=Agg for plain processes, which a kernel
+#: would otherwise inherit and then keep no image) and text progress bars (widgets are lost in executed notebooks).
+KERNEL_ENV = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "LIB_PROGRESS": "text"}
+
+
+@contextmanager
+def kernel_env() -> Iterator[None]:
+    """Set KERNEL_ENV in os.environ (which kernels inherit) for the duration, then restore it."""
+    before = {k: os.environ.get(k) for k in KERNEL_ENV}
+    os.environ.update(KERNEL_ENV)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def execute(jobs: List[Job], run_dir: Path, header: Dict[str, Any], kernel: str = "python3",
             verbose: bool = False, resume: bool = False) -> int:
     """Run the jobs in order; stop at the first failure. Returns a process exit code."""
-    import papermill as pm
-
     done = _previous_ok(run_dir) if resume else {}
     nb_dir = run_dir / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     transport = _kernel_transport()
+    with kernel_env():
+        code = _execute_jobs(jobs, run_dir, header, done, kernel, verbose, transport)
+    if code:
+        return code
+    for job in jobs:
+        report_nb = nb_dir / f"{job.tag}.ipynb"
+        if job.stage == REPORT_STAGE and report_nb.exists():
+            print(f"report: {write_html_report(report_nb, run_dir / 'report.html')}", flush=True)
+    header["finished"] = _now()
+    header["seconds"] = round(time.time() - t_all, 2)
+    _write_manifest(run_dir, header, jobs)
+    return 0
+
+
+def _execute_jobs(jobs: List[Job], run_dir: Path, header: Dict[str, Any], done: Dict[str, Any], kernel: str,
+                  verbose: bool, transport: Dict[str, Any]) -> int:
+    import papermill as pm
+
+    nb_dir = run_dir / "notebooks"
     for i, job in enumerate(jobs, 1):
         out_nb = nb_dir / f"{job.tag}.ipynb"
         if done.get(f"notebooks/{job.tag}.ipynb") == job.params:
@@ -236,9 +277,6 @@ def execute(jobs: List[Job], run_dir: Path, header: Dict[str, Any], kernel: str 
         job.seconds, job.status = round(time.time() - t0, 2), "ok"
         _write_manifest(run_dir, header, jobs)
         print(f"[{i}/{len(jobs)}] {job.tag} done in {job.seconds:.1f} s", flush=True)
-    header["finished"] = _now()
-    header["seconds"] = round(time.time() - t_all, 2)
-    _write_manifest(run_dir, header, jobs)
     return 0
 
 

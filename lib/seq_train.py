@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 import torch
+from lib import fastai_quiet  # noqa: F401  (before fastai: silences its torch.jit FutureWarning)
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from lib.progress import progress_bar
 
 from .labels import SUBTYPES, WEIGHTS
 from .paths import PathLike, RunPaths
@@ -197,8 +197,8 @@ def collate_series(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     x = torch.zeros(bsz, lmax, nf, dtype=torch.float32)
     y = torch.zeros(bsz, lmax, len(SUBTYPES), dtype=torch.float32)
     for b, it in enumerate(items):
-        x[b, :lengths[b]] = torch.from_numpy(it["x"])
-        y[b, :lengths[b]] = torch.from_numpy(it["y"])
+        x[b, :lengths[b]] = torch.from_numpy(np.require(it["x"], requirements="W"))  # memmap views are read-only
+        y[b, :lengths[b]] = torch.from_numpy(np.require(it["y"], requirements="W"))
     mask = torch.arange(lmax)[None, :] < lengths[:, None]
     return {"x": x, "y": y, "mask": mask, "lengths": lengths, "image_id": [list(it["image_id"]) for it in items]}
 
@@ -306,7 +306,7 @@ def predict_probs(models: List[nn.Module], ds: SeriesDataset, bs: int = 32, flip
     for view in views:
         ids, probs = [], []
         dl = DataLoader(view, batch_size=bs, shuffle=False, collate_fn=collate_series, num_workers=num_workers)
-        for batch in tqdm(dl, desc="predict series", disable=not progress, leave=False):
+        for batch in progress_bar(dl, desc="predict series", disable=not progress, leave=False):
             x, mask = batch["x"].to(device), batch["mask"].to(device)
             p = torch.stack([torch.sigmoid(split_output(m.eval()(x, mask))[0].float()) for m in models]).mean(0)
             p = p.cpu().numpy()

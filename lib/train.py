@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from lib import fastai_quiet  # noqa: F401  (before fastai: silences its torch.jit FutureWarning)
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 import torch
+from lib import fastai_quiet  # noqa: F401  (before fastai: silences its torch.jit FutureWarning)
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.progress import CSVLogger
 

@@ -27,7 +27,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, 
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from lib.progress import progress_bar
 
 from lib.dicom import HU_MIN, DicomError, read_hu
 from lib.paths import atomic_write_text
@@ -385,7 +385,7 @@ def build_cache(items: Union[pd.DataFrame, Iterable[Tuple[str, PathLike]]], cach
     workers = max(1, min(workers or _n_cpus(), len(todo) or 1))
     tried: List[str] = []
     bad: List[Tuple[str, str, str]] = []
-    bar = tqdm(total=len(todo), desc=f"cache {out.name}", disable=not progress, unit="img")
+    bar = progress_bar(total=len(todo), desc=f"cache {out.name}", disable=not progress, unit="img")
     if workers == 1:
         keep_freed_memory()
         results = map(_build_one, todo)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from lib.labels import SUBTYPES
 from lib.phantom import generate
+from test_figures import check_run_figures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +38,12 @@ def _check_kaggle_csv(path: Path, sample: pd.DataFrame) -> pd.DataFrame:
 @pytest.mark.slow
 def test_smoke_chain_writes_the_contract(tiny_data, tmp_path):
     out = tmp_path / "run"
+    env = dict(os.environ, MPLBACKEND="Agg")  # as the Makefile exports it: the kernels must still draw inline
     proc = subprocess.run([sys.executable, "-m", "lib.run", str(REPO / "params" / "smoke.yaml"), "--data",
-                           str(tiny_data), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+                           str(tiny_data), "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_run_figures(out)
     sample = pd.read_csv(tiny_data / "stage_2_sample_submission.csv")
     for name in ("submission.csv", "predictions/test_cnn.csv", "predictions/test_seq.csv"):
         _check_kaggle_csv(out / name, sample)
@@ -55,6 +60,9 @@ def test_smoke_chain_writes_the_contract(tiny_data, tmp_path):
     # the OOF table the demo prints
     table = subprocess.run([sys.executable, "-m", "lib.report", str(out)], cwd=REPO, capture_output=True, text=True)
     assert table.returncode == 0 and "ensemble" in table.stdout
+    compare = subprocess.run([sys.executable, "-m", "lib.report", "--compare", str(out)], cwd=REPO,
+                             capture_output=True, text=True)
+    assert compare.returncode == 0 and "resnet18" in compare.stdout and "smoke" in compare.stdout
 
 
 @pytest.mark.slow
