@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TASK ?= ich
 DEMO_DATA ?= data/phantom
 DEMO_OUT ?= outputs/demo
 # 160 studies of 12-18 slices at 256 px: many patients (what a from-scratch CNN needs), few pixels per slice
@@ -29,7 +30,7 @@ $(DEMO_DATA)/stage_2_train.csv: | $(STAMP)
 	$(VPY) -m lib.phantom --out $(DEMO_DATA) $(DEMO_PHANTOM)
 
 demo: $(STAMP) data
-	$(VPY) -m lib.run params/demo.yaml --data $(DEMO_DATA) --out $(DEMO_OUT) --resume
+	$(VPY) -m lib.run params/$(TASK)/demo.yaml --data $(DEMO_DATA) --out $(DEMO_OUT) --resume
 	$(VPY) -m lib.report $(DEMO_OUT)
 
 test: $(STAMP)

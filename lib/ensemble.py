@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from .labels import SUBTYPES, long_to_wide
-from .metrics import EPS, weighted_log_loss
-from .paths import PathLike
-from .registry import Registry
+from lib.tasks.ich.labels import SUBTYPES, long_to_wide
+from lib.evaluate.metrics import EPS, weighted_log_loss
+from lib.paths import PathLike
+from lib.registry import Registry
 
 Weights = Dict[str, Union[float, np.ndarray]]
 BLENDS: Registry = Registry("blend method")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lib.augment import AUGMENTATIONS, create_transform, recipe_options
-from lib.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, ImageLoader, SubsampleSampler, epoch_subsample, \
+from lib.data.augment import AUGMENTATIONS, create_transform, recipe_options
+from lib.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, ImageLoader, SubsampleSampler, epoch_subsample, \
     neighbours, subsample_size, worker_init_fn
-from lib.windowing import load_cached
+from lib.imaging.windowing import load_cached
 
 S = 16
 # series A has 3 slices (given out of order), series B a single slice
@@ -223,7 +223,7 @@ def test_worker_init_fn_gives_workers_distinct_augmentation_streams() -> None:
 def test_loader_workers_survive_busy_cv2_threads_in_parent(tmp_path: Path) -> None:
     """Regression (seen on a 16-core GPU box): after cv2's thread pool had run in the parent, forked DataLoader
     workers hung for ever in their first cv2 call. lib.data.ImageLoader shuts the pool down around the fork."""
-    code = ("import cv2, numpy as np; from lib.data import ImageLoader, worker_init_fn; "
+    code = ("import cv2, numpy as np; from lib.data.datasets import ImageLoader, worker_init_fn; "
             "from tests.test_data import _FlipProbe; cv2.setNumThreads(4); "
             "[cv2.resize(np.ones((2048, 2048), np.float32), (999, 999)) for _ in range(5)]; "
             "b = [x.tolist() for x in ImageLoader(_FlipProbe(), batch_size=16, num_workers=2, "

@@ -13,8 +13,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from lib import dicom
-from lib.dicom import DicomError
+from lib.io import dicom
+from lib.io.dicom import DicomError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.embed import TTA_VIEWS, embed_views, export_embeddings, export_fold, load_embeddings, load_model, oof_table
-from lib.models import create_model
+from lib.train.embed import TTA_VIEWS, embed_views, export_embeddings, export_fold, load_embeddings, load_model, oof_table
+from lib.models.factory import create_model
 from lib.paths import RunPaths
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
@@ -78,7 +78,7 @@ def test_export_fold_is_out_of_fold_and_complete(fold_run):
 
 
 def export_inputs(cache: Path, ids) -> torch.Tensor:
-    from lib.data import ImageDataset
+    from lib.data.datasets import ImageDataset
     ds = ImageDataset(cache, ids)
     return torch.stack([ds[i]["image"] for i in range(len(ds))])
 

@@ -9,8 +9,8 @@ import pytest
 
 from lib.ensemble import (BLENDS, BlendError, any_ge_max, blend, fit_blend, maybe_postprocess, per_input_losses,
                           read_predictions)
-from lib.labels import SUBTYPES, wide_to_long
-from lib.metrics import weighted_log_loss
+from lib.tasks.ich.labels import SUBTYPES, wide_to_long
+from lib.evaluate.metrics import weighted_log_loss
 
 IDS = [f"ID_{i:09x}" for i in range(400)]
 

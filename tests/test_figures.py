@@ -18,8 +18,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from lib import plots, progress, report, run  # noqa: E402
-from lib.report_html import write_html_report  # noqa: E402
+from lib.evaluate import plots
+from lib import progress
+from lib.evaluate import report
+from lib.run import runner as run  # noqa: E402
+from lib.evaluate.html import write_html_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

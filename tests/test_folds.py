@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.folds import FOLD_COLUMNS, FoldsError, fold_summary, make_folds, read_folds, write_folds
-from lib.labels import SUBTYPES
+from lib.data.folds import FOLD_COLUMNS, FoldsError, fold_summary, make_folds, read_folds, write_folds
+from lib.tasks.ich.labels import SUBTYPES
 
 # patient-level probability of having each subtype; epidural is rare, as in RSNA (anchors 0.3)
 SUBTYPE_P = {"epidural": 0.02, "intraparenchymal": 0.08, "intraventricular": 0.06, "subarachnoid": 0.08,
@@ -97,7 +97,7 @@ def test_deterministic_and_seed_dependent(data) -> None:
 def test_unreadable_images_are_dropped_and_counted(data, caplog) -> None:
     meta, labels = data
     gone = meta["image_id"].iloc[[3, 50, 400]].tolist()
-    with caplog.at_level(logging.WARNING, logger="lib.folds"):
+    with caplog.at_level(logging.WARNING, logger="lib.data.folds"):
         folds = make_folds(meta[~meta["image_id"].isin(gone)], labels, n_folds=5)
     assert folds.attrs["n_dropped"] == 3
     assert not folds["image_id"].isin(gone).any() and len(folds) == len(labels) - 3

@@ -22,8 +22,8 @@ from typing import Any, Dict, List
 import nbformat
 import pytest
 
-from lib import kaggle as kg
-from lib import kaggle_meta as km
+from lib.kaggle import package as kg
+from lib.kaggle import meta as km
 from lib.paths import COMPETITION
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,9 +184,13 @@ def test_fresh_dir_never_deletes_foreign_folders(tmp_path):
 # ---------------------------------------------------------------- datasets
 def test_package_code_is_importable_and_accepted_by_kaggle(tmp_path, kaggle_api):
     folder = kg.package_code(out=tmp_path / "code", user="tester")
-    assert (folder / "lib" / "__init__.py").is_file() and (folder / "lib" / "kaggle.py").is_file()
+    assert (folder / "lib" / "__init__.py").is_file() and (folder / "lib" / "kaggle" / "package.py").is_file()
     assert not list(folder.rglob("__pycache__")) and not (folder / "tests").exists()
     manifest = json.loads((folder / "manifest.json").read_text())
+    # every module of every sub-package travels (a flat lib/*.py glob dropped the sub-packages silently)
+    in_repo = {p.relative_to(REPO).as_posix() for p in (REPO / "lib").rglob("*.py") if "__pycache__" not in p.parts}
+    assert in_repo <= set(manifest["files"]), sorted(in_repo - set(manifest["files"]))
+    assert {p for p in manifest["files"] if p.startswith("params/")} >= {"params/ich/demo.yaml"}
     assert manifest["kind"] == "code"
     assert manifest["files"]["lib/paths.py"]["sha256"] == kg.sha256(REPO / "lib" / "paths.py")
     out = subprocess.run([sys.executable, "-c", "import lib.paths; print(lib.paths.__file__)"], cwd=tmp_path,
@@ -229,7 +233,7 @@ def test_package_wheels_dry_run_names_the_kaggle_platform(tmp_path, capsys):
 
 # ---------------------------------------------------------------- kernel
 def test_build_kernel_bakes_parameters_and_kaggle_accepts_it(tmp_path, kaggle_api):
-    from lib.bundle import BundleError
+    from lib.kaggle.bundle import BundleError
 
     run = fake_run(tmp_path / "outputs" / "demo")
     folder = kg.build_kernel(run, "rsna-ich-demo-infer", user="tester", gpu=False, out=tmp_path / "k",
@@ -277,7 +281,7 @@ def fake_run(root: Path, blend: Any = "seq", ks=(0, 1)) -> Path:
     import pandas as pd
     import torch
 
-    from lib.folds import write_folds
+    from lib.data.folds import write_folds
     from lib.paths import RunPaths
 
     rp = RunPaths.at(root)
@@ -309,7 +313,7 @@ def fake_run(root: Path, blend: Any = "seq", ks=(0, 1)) -> Path:
 
 
 def test_collect_weights_manifest(tmp_path):
-    from lib import bundle
+    from lib.kaggle import bundle
 
     manifest, files = bundle.collect_weights(fake_run(tmp_path / "run"))
     assert sorted(files) == ["cnn_fold0.pth", "cnn_fold1.pth", "seq_pooled_fold0_outer0.pth",
@@ -329,7 +333,7 @@ def test_collect_weights_manifest(tmp_path):
 
 
 def test_collect_weights_without_blend_ships_the_cnn(tmp_path):
-    from lib import bundle
+    from lib.kaggle import bundle
 
     manifest, files = bundle.collect_weights(fake_run(tmp_path / "run", blend=None))
     assert manifest["blend"]["weights"] == {"cnn": 1.0} and manifest["sequence"] == {}
@@ -344,14 +348,14 @@ def test_collect_weights_without_blend_ships_the_cnn(tmp_path):
     ({"ensemble_weights": []}, "must map input names"),
 ])
 def test_collect_weights_rejects(tmp_path, blend, match):
-    from lib import bundle
+    from lib.kaggle import bundle
 
     with pytest.raises(bundle.BundleError, match=match):
         bundle.collect_weights(fake_run(tmp_path / "run", blend=blend))
 
 
 def test_collect_weights_needs_every_fold(tmp_path):
-    from lib import bundle
+    from lib.kaggle import bundle
 
     run = fake_run(tmp_path / "run")
     (run / "models" / "cnn" / "fold1" / "best.pth").unlink()
@@ -362,7 +366,7 @@ def test_collect_weights_needs_every_fold(tmp_path):
 def test_package_weights_round_trip(tmp_path, kaggle_api):
     import torch
 
-    from lib import bundle
+    from lib.kaggle import bundle
 
     run = fake_run(tmp_path / "outputs" / "fake")
     folder = kg.package_weights(run, out=tmp_path / "w", user="tester")
@@ -387,7 +391,7 @@ def test_package_weights_round_trip(tmp_path, kaggle_api):
 
 
 def test_load_bundle_from_attached_dataset(tmp_path, monkeypatch):
-    from lib import bundle
+    from lib.kaggle import bundle
 
     folder = kg.package_weights(fake_run(tmp_path / "run"), out=tmp_path / "input" / "rsna-ich-weights-run")
     monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path / "input"))
@@ -405,8 +409,9 @@ def test_blend_fill_and_paths(tmp_path, monkeypatch):
     import numpy as np
     import pandas as pd
 
-    from lib import bundle, infer
-    from lib.labels import SUBTYPES
+    from lib.kaggle import bundle
+    from lib.kaggle import infer
+    from lib.tasks.ich.labels import SUBTYPES
 
     b = bundle.Bundle.from_run(fake_run(tmp_path / "run"))
     ids = pd.Index(["ID_a", "ID_b"], name="image_id")
@@ -438,7 +443,7 @@ def test_blend_fill_and_paths(tmp_path, monkeypatch):
 def test_compare_with_run(tmp_path):
     import pandas as pd
 
-    from lib import infer
+    from lib.kaggle import infer
 
     own, new = tmp_path / "submission.csv", tmp_path / "new.csv"
     pd.DataFrame({"ID": ["ID_a_any", "ID_a_epidural"], "Label": [0.5, 0.1]}).to_csv(own, index=False)
@@ -449,7 +454,7 @@ def test_compare_with_run(tmp_path):
 
 
 def test_requirements_report(tmp_path):
-    from lib import infer
+    from lib.kaggle import infer
 
     req = tmp_path / "requirements.txt"
     req.write_text("# pins\ntorch>=1.0  # any modern torch\ntimm<0.1\npylibjpeg-openjpeg>=99\njupyterlab>=1\n")
@@ -460,7 +465,7 @@ def test_requirements_report(tmp_path):
 
 
 def test_inference_notebook_declares_the_kernel_parameters():
-    from lib.run import notebook_parameters
+    from lib.run.runner import notebook_parameters
 
     declared = notebook_parameters(kg.NOTEBOOK)
     assert set(kg.kernel_parameters("c", "w", "h")) <= set(declared)
@@ -478,7 +483,7 @@ def proof_params(path: Path) -> Path:
     CNN and both sequence strategies, so that both test-time averaging rules count in the submission."""
     import yaml
 
-    cfg = yaml.safe_load((REPO / "params" / "smoke.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "params" / "ich" / "smoke.yaml").read_text())
     cfg["stages"]["sequence"]["strategies"] = ["pooled", "per_fold"]
     cfg["stages"]["ensemble"] = {"inputs": ["cnn", "seq_pooled", "seq_per_fold"], "method": "mean"}
     cfg["stages"].setdefault("inference", {"num_workers": 0})
@@ -505,9 +510,9 @@ def test_offline_kernel_on_simulated_kaggle_input(tmp_path, monkeypatch, kaggle_
 
     import papermill as pm
 
-    from lib import run as runner
+    from lib.run import runner as runner
 
-    from lib.phantom import generate
+    from lib.tasks.ich.phantom import generate
 
     data, run = tmp_path / "data", tmp_path / "outputs" / "kproof"
     generate(data, studies=8, seed=5, size=64, test_frac=0.25, slices=(8, 12), workers=1, progress=False)

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss
 
-from lib import labels as L
-from lib import metrics as M
+from lib.tasks.ich import labels as L
+from lib.evaluate import metrics as M
 
 
 def _long(rows):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lib.models import MODEL_ZOO, create_model, embedding_dim, forward_embed, input_norm, resolve_arch
+from lib.models.factory import MODEL_ZOO, create_model, embedding_dim, forward_embed, input_norm, resolve_arch
 
 REPO = Path(__file__).resolve().parents[1]
 CORE_ARCHS = ["resnet18", "convnext_atto", "seresnext50_32x4d", "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",

@@ -14,9 +14,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from lib.dicom import DicomError, dataset_to_hu, read_dataset, read_hu
-from lib.labels import SUBTYPES, read_labels
-from lib.phantom import ENCODINGS, dicom_bytes, encode_hu, generate, main, plan_dataset
+from lib.io.dicom import DicomError, dataset_to_hu, read_dataset, read_hu
+from lib.tasks.ich.labels import SUBTYPES, read_labels
+from lib.tasks.ich.phantom import ENCODINGS, dicom_bytes, encode_hu, generate, main, plan_dataset
 
 KW = dict(studies=6, seed=3, size=64, test_frac=0.34, slices=(10, 14), progress=False)
 

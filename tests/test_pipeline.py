@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.labels import SUBTYPES
-from lib.phantom import generate
+from lib.tasks.ich.labels import SUBTYPES
+from lib.tasks.ich.phantom import generate
 from test_figures import check_run_figures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _check_kaggle_csv(path: Path, sample: pd.DataFrame) -> pd.DataFrame:
 def test_smoke_chain_writes_the_contract(tiny_data, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, MPLBACKEND="Agg")  # as the Makefile exports it: the kernels must still draw inline
-    proc = subprocess.run([sys.executable, "-m", "lib.run", str(REPO / "params" / "smoke.yaml"), "--data",
+    proc = subprocess.run([sys.executable, "-m", "lib.run", str(REPO / "params" / "ich" / "smoke.yaml"), "--data",
                            str(tiny_data), "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_smoke_chain_writes_the_contract(tiny_data, tmp_path):
 def test_runner_stops_on_a_failing_stage(tiny_data, tmp_path):
     """A stage that cannot run (no cache recorded yet) fails the run with a non-zero exit naming the notebook."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "lib.run", str(REPO / "params" / "smoke.yaml"), "--data",
+    proc = subprocess.run([sys.executable, "-m", "lib.run", str(REPO / "params" / "ich" / "smoke.yaml"), "--data",
                            str(tiny_data), "--out", str(out), "--stages", "train_cnn"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1

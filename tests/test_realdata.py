@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import dicom
-from lib.labels import SUBTYPES, read_labels
+from lib.io import dicom
+from lib.tasks.ich.labels import SUBTYPES, read_labels
 
 pytestmark = pytest.mark.realdata
 

@@ -1,6 +1,7 @@
 """The papermill runner: params validation, fold expansion, manifest, failing stages."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 import yaml
 
 
-from lib import run as runner
+from lib.run import params as params_mod
+from lib.run import runner as runner
+from lib.tasks import get_task
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook
@@ -32,8 +35,8 @@ def toy_pipeline(tmp_path, monkeypatch):
         "from pathlib import Path\nPath(run_dir, f'a_{size}_{seed}.txt').write_text('ok')")
     _nb(nbs / "b.ipynb", 'data_dir: str = ""\nrun_dir: str = ""\nseed: int = 0\nfold: int = 0\nfail: bool = False',
         "from pathlib import Path\nassert not fail, 'asked to fail'\nPath(run_dir, f'b_{fold}.txt').write_text('ok')")
-    monkeypatch.setattr(runner, "NOTEBOOKS", nbs)
-    monkeypatch.setattr(runner, "PIPELINE", {"a": "a.ipynb", "b": "b.ipynb"})
+    toy = dataclasses.replace(get_task("ich"), name="toy", stages={"a": "a.ipynb", "b": "b.ipynb"}, notebook_root=nbs)
+    monkeypatch.setattr(params_mod, "get_task", lambda name="toy": toy)
     data = tmp_path / "data"
     data.mkdir()
     return tmp_path, data
@@ -57,7 +60,7 @@ def test_plan_merges_common_and_expands_folds(toy_pipeline):
 
 @pytest.mark.parametrize("cfg, match", [
     ({"stages": {"a": {"sise": 1}}}, r"unknown keys \['sise'\].*valid keys: \['seed', 'size'\]"),
-    ({"stages": {"zzz": {}}}, r"unknown stages \['zzz'\]"),
+    ({"stages": {"zzz": {}}}, r"has no stages \['zzz'\]"),
     ({"stages": {"b": {}, "a": {}}}, r"pipeline order"),
     ({"common": {"nope": 1}, "stages": {"a": {}}}, r"`common` keys \['nope'\]"),
     ({"stages": {"a": {"run_dir": "/x"}}}, r"unknown keys \['run_dir'\]"),
@@ -98,7 +101,7 @@ def test_failing_stage_exits_nonzero_naming_notebook(toy_pipeline, capsys):
 
 def test_real_params_files_are_valid(tmp_path):
     """Every YAML in params/ resolves against the real notebooks (unknown keys would raise)."""
-    files = sorted((runner.REPO / "params").glob("*.yaml"))
+    files = sorted((runner.REPO / "params").rglob("*.yaml"))
     assert files, "no params files"
     for path in files:
         jobs = runner.plan(path, tmp_path, tmp_path / "out")

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.labels import SUBTYPES
-from lib.metrics import weighted_log_loss
-from lib.seq_heads import HEADS, create_head
-from lib.seq_train import SeqConfig, fit_head, load_models, predict_probs, train_sequence
-from lib.sequence import (SequenceDataError, SeriesDataset, collate_series, feature_dim, masked_weighted_bce,
+from lib.tasks.ich.labels import SUBTYPES
+from lib.evaluate.metrics import weighted_log_loss
+from lib.models.seq_heads import HEADS, create_head
+from lib.sequence.strategies import SeqConfig, fit_head, load_models, predict_probs, train_sequence
+from lib.sequence.features import (SequenceDataError, SeriesDataset, collate_series, feature_dim, masked_weighted_bce,
                           reverse_features, slice_features, split_output)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)

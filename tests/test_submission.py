@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.labels import SUBTYPES
-from lib.submission import SubmissionError, to_long, validate_submission, write_submission
+from lib.tasks.ich.labels import SUBTYPES
+from lib.tasks.ich.submission import SubmissionError, to_long, validate_submission, write_submission
 
 IDS = [f"ID_{i:09x}" for i in range(5)]
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from lib.labels import SUBTYPES
-from lib.metrics import weighted_log_loss
-from lib.train import TrainConfig, WeightedBCE, launch, split_fold, train_fold
+from lib.tasks.ich.labels import SUBTYPES
+from lib.evaluate.metrics import weighted_log_loss
+from lib.train.fit import TrainConfig, WeightedBCE, launch, split_fold, train_fold
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
@@ -125,7 +125,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 
 
 def test_all_data_fold_adjacent_then_rerun_is_a_no_op(tmp_path):
-    from lib.data import neighbours
+    from lib.data.datasets import neighbours
 
     cache, folds, labels = make_data(tmp_path, n=10)
     index = pd.DataFrame({"image_id": folds.image_id, "series_uid": np.arange(10) // 5, "slice_idx": np.arange(10) % 5})
@@ -154,10 +154,10 @@ def test_config_validates_names():
 
 @pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, monkeypatch):
-    from lib.embed import load_model
-    from lib.augment import create_transform
-    from lib.data import ImageDataset
-    from lib.train import norm_stats
+    from lib.train.embed import load_model
+    from lib.data.augment import create_transform
+    from lib.data.datasets import ImageDataset
+    from lib.train.fit import norm_stats
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cache, folds, labels = make_data(tmp_path, n=24)

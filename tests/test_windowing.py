@@ -13,9 +13,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from lib import bench
-from lib.dicom import read_hu
-from lib.windowing import (POLICIES, WINDOWS, Box, Window, apply_window, build_cache, cache_key, create_policy,
+from lib.bench import preprocess as bench
+from lib.io.dicom import read_hu
+from lib.imaging.windowing import (POLICIES, WINDOWS, Box, Window, apply_window, build_cache, cache_key, create_policy,
                            head_box, load_cached, render, square_crop, window_uint8)
 
 
@@ -257,7 +257,7 @@ def test_real_series_cache(real_dir: Path, tmp_path: Path):
 
 def test_pool_survives_busy_cv2_threads_in_parent(ct_dir: Path, tmp_path: Path):
     """Regression: a parent whose cv2 thread pool had run made every forked worker hang in its first cv2 call."""
-    code = ("import sys, cv2, numpy as np; from lib.windowing import build_cache; cv2.setNumThreads(4); "
+    code = ("import sys, cv2, numpy as np; from lib.imaging.windowing import build_cache; cv2.setNumThreads(4); "
             "[cv2.resize(np.ones((2048, 2048), np.float32), (999, 999)) for _ in range(5)]; "
             "items = [(p.stem, p) for p in sorted(__import__('pathlib').Path(sys.argv[1]).glob('*.dcm'))]; "
             "r = build_cache(items, sys.argv[2], img_size=16, workers=2, progress=False); print(r.written)")

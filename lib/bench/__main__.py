@@ -1,0 +1,3 @@
+from lib.bench.preprocess import main
+
+main()

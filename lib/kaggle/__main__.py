@@ -1,0 +1,5 @@
+import sys
+
+from lib.kaggle.package import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""Test-only inference from a weights bundle (`lib.bundle`): the path of the Kaggle kernel (07_inference.ipynb).
+
+The bundle comes from a packaged weights folder, an attached Kaggle dataset, or straight from a finished run
+(`lib.bundle.load_bundle`). Every model goes through the same `lib` code as the training run:
+`lib.windowing.build_cache`, `lib.embed.export_embeddings` (per CNN fold, the run's TTA), `lib.sequence.predict_probs`
+(per strategy, averaged like `lib.seq_train.train_sequence` averages its test predictions), `lib.ensemble.blend`,
+`lib.submission.write_submission`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+from lib.train import embed
+from lib import ensemble
+from lib.tasks.ich import pipeline
+from lib.sequence import strategies as seq_train
+from lib.imaging import windowing
+from lib.kaggle.bundle import Bundle, BundleError
+from lib.data.datasets import neighbours
+from lib.tasks.ich.labels import SUBTYPES, split_ids
+from lib.paths import CompetitionData, PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
+from lib.sequence.features import SeriesDataset, load_models, open_embedding_set, predict_probs
+
+#: Packages the inference path imports (checked against requirements.txt by `requirements_report`).
+INFERENCE_PACKAGES = ("torch", "torchvision", "timm", "fastai", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg",
+                      "pylibjpeg-openjpeg", "albumentations", "numpy", "pandas", "pyarrow", "scikit-learn", "tqdm")
+
+
+# ---------------------------------------------------------------- where
+def resolve_run_dir(run_dir: str) -> Path:
+    """The given run directory, else Kaggle's working directory inside a kernel."""
+    if run_dir:
+        return Path(run_dir).expanduser().resolve()
+    if on_kaggle():
+        return kaggle_working_dir()
+    raise ValueError("run_dir is empty: the runner passes it; only a Kaggle kernel may leave it empty")
+
+
+def output_paths(run_dir: PathLike) -> RunPaths:
+    """Inference artefacts live in <run_dir>/inference/ (never over a training run's own files)."""
+    return RunPaths.at(Path(run_dir) / "inference")
+
+
+def requirements_report(requirements: Optional[PathLike] = None) -> pd.DataFrame:
+    """Installed versions of the inference packages against requirements.txt's pins (beside lib/, so also inside
+    the code dataset): a package the Kaggle image lacks, or has in another range, belongs in the wheels dataset."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    path = Path(requirements) if requirements else Path(__file__).resolve().parents[2] / "requirements.txt"
+    rows = []
+    for line in path.read_text().splitlines():
+        req = Requirement(line.split("#")[0].strip()) if line.split("#")[0].strip() else None
+        if req is None or req.name not in INFERENCE_PACKAGES:
+            continue
+        try:
+            have: Optional[str] = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            have = None
+        rows.append({"package": req.name, "required": str(req.specifier) or "any", "installed": have,
+                     "ok": have is not None and req.specifier.contains(have, prereleases=True)})
+    return pd.DataFrame(rows).set_index("package")
+
+
+# ---------------------------------------------------------------- the test-time steps
+def prepare_test(data: CompetitionData, rp: RunPaths, bundle: Bundle, workers: Optional[int] = None
+                 ) -> Tuple[pd.DataFrame, Path]:
+    """Header index of the test DICOMs and their windowed cache with the run's preprocessing -> (index, cache dir).
+
+    The index keeps only images that made it into the cache (unreadable files are listed in the cache's bad.csv).
+    """
+    index = pipeline.ensure_index(data, rp, "test", workers)
+    res = windowing.build_cache(index[["image_id", "path"]], rp.cache_root, workers=workers,
+                                **bundle.manifest["preprocess"])
+    rp.record("cache", res.dir)
+    bad = set(pd.read_csv(res.dir / "bad.csv")["image_id"]) if (res.dir / "bad.csv").is_file() else set()
+    return index[~index["image_id"].isin(bad)].reset_index(drop=True), res.dir
+
+
+def cnn_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, cache_dir: Path, bs: int = 64,
+             num_workers: int = 0, device: str = "auto") -> pd.DataFrame:
+    """Per CNN fold k: embeddings/test_fold{k}.* (lib.embed, the run's TTA) -> fold-mean probabilities (wide)."""
+    cnn = bundle.manifest["cnn"]
+    nbrs = neighbours(index) if cnn["mode"] == "adjacent" else None
+    ids, probs = index["image_id"].astype(str).tolist(), []
+    for k in cnn["folds"]:
+        embed.export_embeddings(bundle.path(cnn["files"][str(k)]), cnn["arch"], cache_dir, ids,
+                                rp.embeddings_dir / f"test_fold{k}", mode=cnn["mode"], neighbours=nbrs,
+                                tta=tuple(cnn["tta"]), bs=bs, num_workers=num_workers, device=device,
+                                img_size=cnn["img_size"])
+        es = open_embedding_set(rp.root, "test", k)
+        logits = np.asarray(es.logits[es.rows.reindex(ids).to_numpy()], np.float64)
+        probs.append(expit(logits))
+    return pd.DataFrame(np.mean(probs, axis=0), index=pd.Index(ids, name="image_id"), columns=list(SUBTYPES))
+
+
+def seq_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, strategy: str, device: str = "auto",
+             progress: bool = True) -> pd.DataFrame:
+    """A sequence strategy's test probabilities (wide), averaged like `train_sequence` averages them."""
+    entry = bundle.manifest["sequence"][strategy]
+    cfg = seq_train.SeqConfig.from_dict({**entry["config"], "device": device, "progress": progress})
+    dev = seq_train.resolve_device(cfg.device)
+    sets = {k: open_embedding_set(rp.root, "test", k) for k in bundle.manifest["cnn"]["folds"]}
+    per_fold: Dict[int, List[pd.DataFrame]] = {}
+    for m in entry["models"]:
+        models = load_models(bundle.path(m["file"]), dev)
+        for k in m["cnn_folds"]:
+            ds = SeriesDataset(index, seq_train.slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
+                               cfg.series_key, spacing_scale=cfg.spacing_scale)
+            per_fold.setdefault(k, []).append(predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip,
+                                                            progress=progress))
+    groups = [[f for fs in per_fold.values() for f in fs]] if entry["aggregate"] == "pairs" else list(per_fold.values())
+    return ensemble.mean_frames([ensemble.mean_frames(g) for g in groups])
+
+
+def blend_test(bundle: Bundle, preds: Dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The run's OOF-tuned blend of the test predictions ("cnn", "seq_<strategy>") + its any >= max step if kept."""
+    spec = bundle.manifest["blend"]
+    weights = {n: (np.asarray(w, np.float64) if isinstance(w, list) else float(w)) for n, w in spec["weights"].items()}
+    missing = sorted({spec["inputs"][n] for n in weights} - set(preds))
+    if missing:
+        raise BundleError(f"blend inputs {missing} were not predicted; have {sorted(preds)}")
+    out = ensemble.blend({n: preds[spec["inputs"][n]] for n in weights}, weights)
+    return ensemble.any_ge_max(out) if spec.get("postprocess") else out
+
+
+def fill_missing(pred: pd.DataFrame, sample_submission: PathLike) -> Tuple[pd.DataFrame, int]:
+    """Images of the sample submission without a prediction (unreadable DICOMs) get the mean prediction."""
+    sample = pd.read_csv(sample_submission, usecols=["ID"])["ID"]
+    ids = pd.Index(split_ids(sample, source=str(sample_submission))["image_id"].unique(), name="image_id")
+    lack = ids.difference(pred.index)
+    if not len(lack):
+        return pred, 0
+    filler = pd.DataFrame([pred.mean().to_numpy()] * len(lack), index=lack, columns=pred.columns)
+    return pd.concat([pred, filler]), len(lack)
+
+
+def submission_paths(rp: RunPaths) -> List[Path]:
+    """Where the submission goes: <run_dir>/inference/submission.csv, plus /kaggle/working/ inside a kernel."""
+    return [rp.submission] + ([kaggle_working_dir() / "submission.csv"] if on_kaggle() else [])
+
+
+def compare_with_run(sub: PathLike, run_dir: PathLike, written: List[Path]) -> Optional[float]:
+    """Max |difference| between this submission and the run's own submission.csv (None when it has none, or when
+    that file is one this inference just wrote: a kernel's run_dir is its working directory)."""
+    own = Path(run_dir) / "submission.csv"
+    if not own.is_file() or any(own.resolve() == Path(p).resolve() for p in written):
+        return None
+    a, b = pd.read_csv(sub).set_index("ID")["Label"], pd.read_csv(own).set_index("ID")["Label"]
+    if set(a.index) != set(b.index):
+        return float("inf")
+    return float((a - b.reindex(a.index)).abs().max())
+
+
+def cleanup(rp: RunPaths) -> None:
+    """Delete the test cache and embeddings (a kernel's working directory is its saved output)."""
+    for folder in (rp.root / "cache", rp.root / "embeddings"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_summary(rp: RunPaths, bundle: Bundle, values: Dict[str, Any]) -> Dict[str, Any]:
+    """inference/metrics.json: timings, counts, the bundle's run and commit."""
+    info = {"inference_bundle": bundle.source, "inference_code": str(Path(__file__).resolve().parents[1]),
+            "inference_run": bundle.manifest.get("run"),
+            "inference_weights_commit": bundle.manifest.get("git_commit"), **values}
+    atomic_write_text(rp.root / "inference.json", json.dumps(info, indent=2, default=str))
+    return rp.update_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})

@@ -1,0 +1,1 @@
+"""Networks by name: the timm backbone factory and the sequence heads (output size given by the task)."""

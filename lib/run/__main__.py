@@ -1,0 +1,5 @@
+import sys
+
+from lib.run.runner import main
+
+sys.exit(main())

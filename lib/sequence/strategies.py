@@ -1,0 +1,373 @@
+"""Training and inference of sequence heads with a fastai Learner, and the two fold strategies.
+
+The K CNN fold models embed into K different feature spaces, so embeddings are never averaged across fold models.
+`per_fold`: for CNN fold k, sequence models train on fold-k images only (CNN-k space) with an inner split by patient;
+test = mean over inner models on test_fold{k}, then over k. `pooled`: outer model k trains on the OOF features of
+all folds != k (each image embedded by the CNN that did not see it) and predicts fold k; test = mean over every
+(outer model, CNN fold) pair. Both give OOF predictions for every labelled image, keyed by image_id.
+Model selection: `select="best"` keeps the epoch with the lowest masked metric on the validation series (the
+series it then predicts: slightly optimistic OOF, as in the 1st place); `select="last"` or `snapshot_epochs=n`
+(average of the last n epochs) never look at validation labels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+import torch
+from lib.train import fastai_quiet  # noqa: F401  (before fastai: silences its torch.jit FutureWarning)
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import CSVLogger
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner, Metric
+from sklearn.model_selection import GroupKFold
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, wide_to_long
+from lib.evaluate.metrics import metric_report
+from lib.paths import PathLike, RunPaths, atomic_write, atomic_write_text
+from lib.train.ddp import resolve_precision
+from lib.ensemble import mean_frames
+from lib.registry import Registry
+from lib.models.seq_heads import create_head
+from lib.sequence.features import (EmbeddingSet, SeriesDataset, SeqLoss, SequenceDataError, collate_for_learner, feature_dim,
+                       load_models, open_embedding_set, predict_probs, seed_worker, split_output)
+
+STRATEGIES: Registry = Registry("sequence fold strategy")
+
+
+INPUTS = {"embedding": lambda es: es.emb, "logits": lambda es: es.logits}
+
+
+@dataclass
+class SeqConfig:
+    """Sequence-stage parameters (YAML overrides through `from_dict`; unknown keys are an error)."""
+
+    head: str = "lstm"                      # registry name in lib.seq_heads.HEADS
+    head_kwargs: Dict[str, Any] = field(default_factory=dict)
+    epochs: int = 8
+    lr: float = 1e-3                        # one-cycle max lr
+    bs: int = 16                            # series per batch
+    wd: float = 1e-2
+    crop: Optional[Tuple[int, int]] = (24, 48)  # random contiguous training window (min, max) slices, or None
+    reverse_p: float = 0.5                  # training reversal probability
+    aux_weight: float = 0.5                 # weight of the auxiliary per-slice loss (heads that return aux)
+    inner_folds: int = 4                    # per_fold strategy: inner split of fold k's patients
+    seed: int = 42
+    num_workers: int = 0
+    device: str = "auto"                    # "auto" | "cpu" | "cuda"
+    mixed_precision: str = "no"             # no | auto (bf16/fp16 on CUDA) | bf16 | fp16. Default no: on an H100 the
+    #                                         lstm (h1024, 4 series a batch) ran 178 series/s under bf16 autocast vs 226
+    #                                         in float32 (python -m lib.bench sequence --precision)
+    snapshot_epochs: int = 0                # >0: average predictions of the last n epochs (no selection)
+    select: str = "best"                    # "best" (lowest valid metric) | "last"
+    tta_flip: bool = True                   # average forward and reversed series at prediction
+    spacing_scale: float = 10.0             # mm -> input units
+    series_key: str = "series_uid"
+    emb_suffix: str = ""                    # e.g. "_ep3" for per-epoch embedding files
+    inputs: str = "embedding"               # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
+    #                                         vector (aligned across fold models: the same meaning in every fold)
+    progress: bool = True
+    resume: bool = True                     # reuse a finished head whose inputs and settings match (interrupted runs)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "SeqConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise KeyError(f"unknown SeqConfig keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.crop is not None:
+            self.crop = (int(self.crop[0]), int(self.crop[1]))
+        if self.inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {sorted(INPUTS)}, got {self.inputs!r}")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"SeqConfig.select must be 'best' or 'last'; got {self.select!r}")
+
+
+def slice_vectors(es: EmbeddingSet, cfg: SeqConfig) -> np.ndarray:
+    """The per-slice vector the sequence model differences along the series: the CNN embedding (float16 memmap,
+    (N, D)) or, with `inputs="logits"`, the CNN's 6 logits, whose meaning is shared by every fold model."""
+    return INPUTS[cfg.inputs](es)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
+    return torch.device(device)
+
+
+class MaskedWLL(Metric):
+    """Competition metric (clip 1e-6) over the real validation slices, accumulated exactly across batches."""
+
+    def reset(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def accumulate(self, learn: Learner) -> None:
+        main, _ = split_output(learn.pred)
+        y, mask = learn.yb
+        p = torch.sigmoid(main.float()).clamp(1e-6, 1 - 1e-6)
+        w = torch.as_tensor(WEIGHTS, dtype=p.dtype, device=p.device)
+        ll = -(y * torch.log(p) + (1 - y) * torch.log1p(-p))
+        per_slice = (ll * w).sum(-1) / w.sum()
+        self.total += float(per_slice[mask].sum())
+        self.count += int(mask.sum())
+
+    @property
+    def value(self) -> Optional[float]:
+        return self.total / self.count if self.count else None
+
+    @property
+    def name(self) -> str:
+        return "wll"
+
+
+class KeepStates(Callback):
+    """Keep CPU copies of the weights to predict with: best epoch, last epoch, or the last n epochs."""
+
+    order = 60  # after Recorder
+
+    def __init__(self, metric: MaskedWLL, select: str, snapshot_epochs: int) -> None:
+        self.metric, self.select, self.snapshots = metric, select, int(snapshot_epochs)
+        self.states: List[Dict[str, torch.Tensor]] = []
+        self.best, self.best_epoch = float("inf"), -1
+
+    def after_epoch(self) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in self.learn.model.state_dict().items()}
+        if self.snapshots > 0:
+            self.states = (self.states + [state])[-self.snapshots:]
+        elif self.select == "last" or (self.metric.value is not None and self.metric.value < self.best):
+            self.states, self.best_epoch = [state], self.epoch
+            self.best = self.metric.value if self.metric.value is not None else self.best
+
+
+def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, out_dir: Path,
+             tag: str, fingerprint: str = "") -> Tuple[List[nn.Module], Dict[str, Any]]:
+    """Train one head with `fit_one_cycle`; save `{tag}.pth` (+ fastai `log_{tag}.csv`) under out_dir.
+
+    Returns the model(s) to predict with (one, or one per snapshot) and a small log dict.
+    """
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = create_head(cfg.head, in_dim, **cfg.head_kwargs).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    kw = dict(batch_size=cfg.bs, collate_fn=collate_for_learner, num_workers=cfg.num_workers,
+              worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
+    dls = DataLoaders(DataLoader(train_ds, shuffle=True, generator=gen, **kw), DataLoader(valid_ds, **kw))
+    dls.n_inp = 2  # batch = (x, mask | y, mask): model(x, mask), loss(pred, y, mask)
+    metric = MaskedWLL()
+    keep = KeepStates(metric, cfg.select, cfg.snapshot_epochs)
+    cbs = [CSVLogger(fname=f"log_{tag}.csv"), keep]
+    precision = resolve_precision(cfg.mixed_precision, device)  # the CNN stage's rule
+    if precision:
+        cbs.append(MixedPrecision(precision))
+    learn = Learner(dls, model, loss_func=SeqLoss(cfg.aux_weight), metrics=[metric], wd=cfg.wd, path=out_dir,
+                    model_dir=".", cbs=cbs)
+    with (nullcontext() if cfg.progress else learn.no_bar()), (nullcontext() if cfg.progress else learn.no_logging()):
+        learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr)
+    if not keep.states:
+        raise SequenceDataError(f"{tag}: the validation metric was never finite (NaN inputs or a diverged model)")
+    ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "states": keep.states,
+            "fingerprint": fingerprint}
+    atomic_write(out_dir / f"{tag}.pth", lambda tmp: torch.save(ckpt, tmp))  # a killed run leaves no half head
+    log = {"tag": tag, "best_epoch": keep.best_epoch, "valid_wll_best": keep.best if keep.best_epoch >= 0 else None,
+           "valid_wll_last": metric.value, "n_states": len(keep.states)}
+    return load_models(ckpt, device), log
+
+
+@dataclass
+class _Run:
+    """State shared by the strategies: config, the labelled train table, embedding sets, outputs."""
+
+    cfg: SeqConfig
+    paths: RunPaths
+    strategy: str
+    train: pd.DataFrame
+    labels: pd.DataFrame
+    oof_sets: Dict[int, EmbeddingSet]
+    test_sets: Dict[int, EmbeddingSet]
+    test: Optional[pd.DataFrame]
+    in_dim: int
+    provenance: List[Dict[str, Any]] = field(default_factory=list)
+    logs: List[Dict[str, Any]] = field(default_factory=list)
+
+    def dataset(self, df: pd.DataFrame, es: EmbeddingSet, train: bool, labelled: bool = True) -> SeriesDataset:
+        c = self.cfg
+        return SeriesDataset(df, slice_vectors(es, c), es.logits, es.rows, self.labels if labelled else None,
+                             c.series_key,
+                             crop=c.crop if train else None, reverse_p=c.reverse_p if train else 0.0,
+                             seed=c.seed + len(self.provenance), spacing_scale=c.spacing_scale)
+
+    def note(self, model: str, role: str, es: EmbeddingSet, df: pd.DataFrame) -> None:
+        self.provenance.append({"model": model, "role": role, "source": es.name,
+                                "image_ids": df["image_id"].astype(str).to_numpy()})
+
+    def fit(self, model: str, fold: int, parts: List[Tuple[pd.DataFrame, EmbeddingSet]],
+            valid: Tuple[pd.DataFrame, EmbeddingSet]) -> Tuple[List[nn.Module], SeriesDataset]:
+        for df, es in parts:
+            self.note(model, "train", es, df)
+        self.note(model, "valid", valid[1], valid[0])
+        valid_ds = self.dataset(valid[0], valid[1], train=False)
+        out_dir = self.paths.model_dir(fold, name=f"seq_{self.strategy}")
+        fp = self.fingerprint(parts, valid)
+        done = out_dir / f"{model}.pth"
+        if self.cfg.resume and done.is_file():
+            ckpt = torch.load(done, map_location="cpu", weights_only=True)
+            if ckpt.get("fingerprint") == fp:
+                self.logs.append({"tag": model, "reused": str(done)})
+                return load_models(ckpt, resolve_device(self.cfg.device)), valid_ds
+        train_ds = ConcatDataset([self.dataset(df, es, train=True) for df, es in parts])
+        models, log = fit_head(train_ds, valid_ds, self.cfg, self.in_dim, out_dir, tag=model, fingerprint=fp)
+        self.logs.append(log)
+        return models, valid_ds
+
+    def fingerprint(self, parts: List[Tuple[pd.DataFrame, EmbeddingSet]],
+                    valid: Tuple[pd.DataFrame, EmbeddingSet]) -> str:
+        """What a trained head depends on: the training settings, the input size, and per input set its name, its
+        images and its CNN logits (new CNN weights give new logits). Run-only settings are left out."""
+        h = hashlib.sha256()
+        run_only = {"progress", "num_workers", "device", "resume"}
+        h.update(json.dumps({k: v for k, v in asdict(self.cfg).items() if k not in run_only}, sort_keys=True,
+                            default=str).encode())
+        h.update(str(self.in_dim).encode())
+        for df, es in [*parts, valid]:
+            ids = df["image_id"].astype(str).to_numpy()
+            h.update(es.name.encode())
+            h.update("\n".join(ids).encode())
+            h.update(np.ascontiguousarray(es.logits[es.rows.loc[ids].to_numpy()]).tobytes())
+        return h.hexdigest()
+
+    def predict(self, model: str, models: List[nn.Module], ds: SeriesDataset, es: EmbeddingSet,
+                df: pd.DataFrame) -> pd.DataFrame:
+        self.note(model, "predict", es, df)
+        return predict_probs(models, ds, bs=max(self.cfg.bs, 32), flip=self.cfg.tta_flip,
+                             num_workers=self.cfg.num_workers, progress=self.cfg.progress)
+
+    def predict_test(self, model: str, models: List[nn.Module], folds: List[int]) -> List[pd.DataFrame]:
+        if self.test is None:
+            return []
+        return [self.predict(model, models, self.dataset(self.test, self.test_sets[k], False, labelled=False),
+                             self.test_sets[k], self.test) for k in folds]
+
+
+@STRATEGIES.register("pooled")
+def _pooled(run: _Run) -> Tuple[List[pd.DataFrame], List[pd.DataFrame]]:
+    folds = sorted(run.oof_sets)
+    oof, test = [], []
+    for k in folds:
+        parts = [(run.train[run.train["fold"] == k2], run.oof_sets[k2]) for k2 in folds if k2 != k]
+        valid = (run.train[run.train["fold"] == k], run.oof_sets[k])
+        models, valid_ds = run.fit(f"outer{k}", k, parts, valid)
+        oof.append(run.predict(f"outer{k}", models, valid_ds, valid[1], valid[0]))
+        test += run.predict_test(f"outer{k}", models, folds)
+    return oof, test
+
+
+@STRATEGIES.register("per_fold")
+def _per_fold(run: _Run) -> Tuple[List[pd.DataFrame], List[pd.DataFrame]]:
+    oof, test = [], []
+    for k in sorted(run.oof_sets):
+        fk = run.train[run.train["fold"] == k]
+        series = fk.groupby(run.cfg.series_key, sort=True)["patient_id"].first()
+        n_splits = min(run.cfg.inner_folds, series.nunique())
+        if n_splits < 2:
+            raise SequenceDataError(f"fold {k} has {series.nunique()} patient(s); per_fold needs >= 2")
+        per_k = []
+        for j, (tr, va) in enumerate(GroupKFold(n_splits).split(series.index, groups=series.to_numpy())):
+            tr_df, va_df = (fk[fk[run.cfg.series_key].isin(series.index[idx])] for idx in (tr, va))
+            name, es = f"cnn{k}_inner{j}", run.oof_sets[k]
+            models, valid_ds = run.fit(name, k, [(tr_df, es)], (va_df, es))
+            oof.append(run.predict(name, models, valid_ds, es, va_df))
+            per_k += run.predict_test(name, models, [k])
+        if per_k:
+            test.append(mean_frames(per_k))
+    return oof, test
+
+
+def _train_table(index_df: pd.DataFrame, folds: pd.DataFrame, labels: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Index rows of labelled images with their fold; a series must lie in one fold."""
+    df = index_df.merge(folds[["image_id", "fold"]], on="image_id", how="inner", validate="one_to_one")
+    split = df.groupby(key)["fold"].nunique()
+    if (split > 1).any():
+        raise SequenceDataError(f"{int((split > 1).sum())} series span several folds, e.g. "
+                                f"{split.index[split > 1][:3].tolist()}; folds must be grouped by patient")
+    unlabelled = ~df["image_id"].isin(labels.index)
+    if unlabelled.any():
+        raise SequenceDataError(f"{int(unlabelled.sum())} fold images have no labels, e.g. "
+                                f"{df.loc[unlabelled, 'image_id'].head(3).tolist()}")
+    return df
+
+
+def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFrame, labels: pd.DataFrame,
+                   cfg: SeqConfig, strategy: str = "pooled", test_index_df: Optional[pd.DataFrame] = None,
+                   write: bool = True) -> Dict[str, Any]:
+    """Train sequence heads over the CNN folds; returns {oof, test (wide, index image_id), metrics, provenance}.
+
+    With `write`: predictions/oof_seq_{strategy}.csv (wide), predictions/test_seq_{strategy}.csv (Kaggle long),
+    models/seq_{strategy}/fold{k}/*.pth + log_*.csv + train_log.json, and metrics.json keys oof_seq_{strategy}_*.
+    """
+    t0, runner = time.time(), STRATEGIES.get(strategy)
+    paths = RunPaths.at(run_dir)
+    train = _train_table(index_df, folds, labels, cfg.series_key)
+    ks = sorted(int(k) for k in train["fold"].unique())
+    oof_sets = {k: open_embedding_set(run_dir, "oof", k, cfg.emb_suffix) for k in ks}
+    test_sets = ({k: open_embedding_set(run_dir, "test", k, cfg.emb_suffix) for k in ks}
+                 if test_index_df is not None else {})
+    run = _Run(cfg, paths, strategy, train, labels, oof_sets, test_sets, test_index_df,
+               feature_dim(slice_vectors(oof_sets[ks[0]], cfg).shape[1]))
+    oof_parts, test_parts = runner(run)
+    test = mean_frames(test_parts) if test_parts else None
+    oof, expected = pd.concat(oof_parts), train["image_id"].astype(str).to_numpy()
+    if oof.index.duplicated().any() or len(oof) != len(expected) or not oof.index.isin(expected).all():
+        raise SequenceDataError(f"{strategy}: OOF predictions do not cover every labelled image exactly once")
+    oof = oof.reindex(pd.Index(expected, name="image_id"))
+    if not np.isfinite(oof.to_numpy()).all() or (test is not None and not np.isfinite(test.to_numpy()).all()):
+        raise SequenceDataError(f"{strategy}: non-finite predictions (NaN inputs or a diverged model)")
+    y = labels.reindex(oof.index)[list(SUBTYPES)].to_numpy(np.float64)
+    cnn = _cnn_oof_probs(train, oof_sets).reindex(oof.index).to_numpy()
+    metrics = {**metric_report(y, oof.to_numpy(), f"oof_seq_{strategy}"),
+               f"oof_seq_{strategy}_input_cnn_logloss": metric_report(y, cnn, "x")["x_logloss"],
+               f"seq_{strategy}_train_s": round(time.time() - t0, 1)}
+    if write:
+        _write(run, oof, test, metrics)
+    return {"oof": oof, "test": test, "metrics": metrics, "provenance": run.provenance, "logs": run.logs}
+
+
+def _cnn_oof_probs(train: pd.DataFrame, sets: Dict[int, EmbeddingSet]) -> pd.DataFrame:
+    """The CNN's own OOF probabilities (sigmoid of the exported logits) for the labelled images."""
+    frames = []
+    for k, es in sets.items():
+        ids = train.loc[train["fold"] == k, "image_id"].astype(str).to_numpy()
+        logits = np.asarray(es.logits[es.rows.reindex(ids).to_numpy()], dtype=np.float64)
+        frames.append(pd.DataFrame(expit(logits), index=ids, columns=list(SUBTYPES)))
+    return pd.concat(frames)
+
+
+def _write(run: _Run, oof: pd.DataFrame, test: Optional[pd.DataFrame], metrics: Dict[str, Any]) -> None:
+    pred_dir, s = run.paths.predictions_dir, run.strategy
+    atomic_write_text(pred_dir / f"oof_seq_{s}.csv", oof.rename_axis("image_id").reset_index().to_csv(index=False))
+    run.paths.record(f"oof_seq_{s}", pred_dir / f"oof_seq_{s}.csv")
+    if test is not None:
+        atomic_write_text(pred_dir / f"test_seq_{s}.csv", wide_to_long(test).to_csv(index=False))
+        run.paths.record(f"test_seq_{s}", pred_dir / f"test_seq_{s}.csv")
+    counts = [{**{k: v for k, v in p.items() if k != "image_ids"}, "n_images": len(p["image_ids"])}
+              for p in run.provenance]
+    log = {"config": asdict(run.cfg), "strategy": s, "metrics": metrics, "models": run.logs, "inputs": counts}
+    log_path = run.paths.model_dir(0, name=f"seq_{s}").parent / "train_log.json"
+    atomic_write_text(log_path, json.dumps(log, indent=2, default=str))
+    run.paths.update_metrics(metrics)

@@ -1,0 +1,1 @@
+"""RSNA Intracranial Hemorrhage Detection 2019."""

@@ -1,0 +1,144 @@
+"""Stage-level helpers the notebooks call: cached header index, header summaries, sample picking."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+
+from lib.io import dicom
+from lib.ensemble import mean_frames
+from lib.tasks.ich.labels import SUBTYPES
+from lib.paths import CompetitionData, RunPaths, atomic_write_text
+
+
+def _count_dcm(folder: Path) -> int:
+    return sum(1 for e in os.scandir(folder) if e.name.endswith(".dcm")) if folder.is_dir() else 0
+
+
+def ensure_index(data: CompetitionData, rp: RunPaths, split: str, workers: Optional[int] = None) -> pd.DataFrame:
+    """The split's header index: loaded from the run dir when it matches the data folder, else built (parallel)."""
+    folder = data.image_dir(split)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist (expected the Kaggle layout under {data.root})")
+    path, info_path = rp.index(split), rp.index(split).with_suffix(".json")
+    source = {"source": str(folder), "n_files": _count_dcm(folder)}
+    if path.exists() and info_path.exists() and json.loads(info_path.read_text()) == source:
+        return pd.read_parquet(path)
+    df = dicom.index(folder, out=path, bad_out=rp.bad_files(split), workers=workers or None)
+    atomic_write_text(info_path, json.dumps(source))
+    rp.record(f"index_{split}", path)
+    return df
+
+
+def bad_files(rp: RunPaths, split: str) -> pd.DataFrame:
+    """The split's bad-files table (path, reason); empty when none."""
+    path = rp.bad_files(split)
+    return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame(columns=["path", "reason"])
+
+
+def tilt_degrees(index: pd.DataFrame) -> pd.Series:
+    """Gantry tilt per image in degrees: angle between the slice normal and the patient z axis."""
+    row = index[["iop_0", "iop_1", "iop_2"]].to_numpy(dtype=np.float64)
+    col = index[["iop_3", "iop_4", "iop_5"]].to_numpy(dtype=np.float64)
+    normal = np.cross(row, col)
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
+    return pd.Series(np.degrees(np.arccos(np.clip(np.abs(normal[:, 2]), 0, 1))), index=index.index, name="tilt_deg")
+
+
+def header_quirks(index: pd.DataFrame) -> pd.DataFrame:
+    """Counts of the RSNA header quirks (anchors 0.4) in an index table."""
+    fix = [dicom.needs_12bit_fix(b, p, i) for b, p, i in
+           zip(index["bits_stored"], index["pixel_representation"], index["intercept"])]
+    rows = {
+        "images": len(index),
+        "series": index["series_uid"].nunique(),
+        "patients": index["patient_id"].nunique(),
+        "12-bit intercept fix needed": int(np.sum(fix)),
+        "signed pixels (PixelRepresentation 1)": int((index["pixel_representation"] == 1).sum()),
+        "not 512x512": int(((index["rows"] != 512) | (index["columns"] != 512)).sum()),
+        "tilted (> 1 deg)": int((tilt_degrees(index) > 1).sum()),
+        "duplicate positions (spacing 0 inside a series)": int(((index["spacing_next"] == 0)
+                                                                 & (index["slice_idx"] < index["n_slices"] - 1)).sum()),
+    }
+    return pd.DataFrame({"count": rows})
+
+
+def pick_positive_series(index: pd.DataFrame, labels: pd.DataFrame, min_pos: int = 3, seed: int = 0) -> str:
+    """A series id with at least `min_pos` positive slices (any), else the one with the most; deterministic."""
+    any_pos = index[["image_id", "series_uid"]].merge(labels[["any"]], left_on="image_id", right_index=True)
+    per = any_pos.groupby("series_uid")["any"].sum().sort_index()
+    good = per[per >= min_pos]
+    if good.empty:
+        return str(per.idxmax())
+    return str(good.index[np.random.default_rng(seed).integers(len(good))])
+
+
+def subtype_examples(index: pd.DataFrame, labels: pd.DataFrame) -> Dict[str, str]:
+    """For each subtype, the image id at the middle of its longest positive run in a series (a clear core slice)."""
+    merged = index[["image_id", "series_uid", "slice_idx"]].merge(labels, left_on="image_id", right_index=True)
+    out: Dict[str, str] = {}
+    for s in SUBTYPES:
+        pos = merged[merged[s] == 1]
+        if pos.empty:
+            continue
+        series = pos.groupby("series_uid").size().sort_values(ascending=False).index[0]
+        run = pos[pos["series_uid"] == series].sort_values("slice_idx")
+        out[s] = str(run["image_id"].iloc[len(run) // 2])
+    return out
+
+
+def ensure_folds(rp: RunPaths, index: pd.DataFrame, labels: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """The run's folds.csv: written once (patient-grouped, multilabel-stratified) and read by every later stage.
+
+    An existing file with a different number of folds is an error, never silently replaced.
+    """
+    from lib.data.folds import make_folds, read_folds, write_folds
+
+    if rp.folds.exists():
+        folds = read_folds(rp.folds)
+        if folds["fold"].nunique() != n_folds:
+            raise ValueError(f"{rp.folds} has {folds['fold'].nunique()} folds but n_folds={n_folds}; "
+                             "use a new run dir (folds are fixed for a run)")
+        return folds
+    folds = make_folds(index, labels, n_folds=n_folds, seed=seed)
+    write_folds(folds, rp.folds)
+    rp.record("folds", rp.folds)
+    return folds
+
+
+def fold_prior_predictions(folds: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """The prior-only baseline, out of fold: each image gets the label prevalence of the *other* folds."""
+    y = labels.reindex(folds["image_id"])[list(SUBTYPES)].to_numpy(dtype=np.float64)
+    out = np.zeros_like(y)
+    f = folds["fold"].to_numpy()
+    for k in np.unique(f):
+        out[f == k] = y[f != k].mean(axis=0)
+    return pd.DataFrame(out, index=pd.Index(folds["image_id"].to_numpy(), name="image_id"), columns=list(SUBTYPES))
+
+
+def cnn_predictions(rp: RunPaths, folds: pd.DataFrame) -> Optional[Dict[str, pd.DataFrame]]:
+    """OOF and fold-averaged test probabilities of the CNN stage (wide, keyed by image_id), or None if some fold's
+    embedding export is still missing."""
+    from lib.train.embed import load_embeddings, oof_table
+
+    ks = sorted(folds["fold"].unique())
+    if not all((rp.embeddings_dir / f"oof_fold{k}_logits.npy").exists() for k in ks):
+        return None
+    ids, logits = oof_table(rp.root, folds)
+    oof = pd.DataFrame(expit(logits.astype(np.float64)), index=pd.Index(ids, name="image_id"),
+                       columns=list(SUBTYPES))
+    test = None
+    if all((rp.embeddings_dir / f"test_fold{k}_logits.npy").exists() for k in ks):
+        frames = []
+        for k in ks:
+            _, lg, idx = load_embeddings(rp.embeddings_dir / f"test_fold{k}")
+            probs = expit(lg[idx["row"].to_numpy()].astype(np.float64))
+            frames.append(pd.DataFrame(probs, index=idx["image_id"].astype(str), columns=list(SUBTYPES)))
+        test = mean_frames(frames)
+        test.index.name = "image_id"
+    return {"oof": oof, "test": test}

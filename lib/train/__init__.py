@@ -1,0 +1,1 @@
+"""Training on fastai's Learner: fit, callbacks, plain-torch DDP, the embedding export."""

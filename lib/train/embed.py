@@ -1,0 +1,198 @@
+"""Out-of-fold embedding export: a trained 2D model's pooled embedding + 6 logits per image, with fixed TTA.
+
+Files per export, `<prefix>` e.g. RUN/embeddings/oof_fold0 (layout in CONTRACTS.md):
+  <prefix>.npy          float16 (N, D) pre-logits embedding (np.load(..., mmap_mode="r") works);
+  <prefix>_logits.npy   float16 (N, 6) logits, SUBTYPES order;
+  <prefix>.parquet      image_id, row (row = position in the two arrays).
+TTA: every view ("orig", "hflip", "vflip", "transpose") of a batch goes through the model; the embedding is the mean
+of the views' embeddings and the logits are the mean of the views' logits. The head is linear on the embedding, so
+the stored logits equal the head applied to the stored (averaged) embedding: the two arrays are consistent.
+OOF: `export_fold(k)` embeds the images of fold k with model k (trained on the other folds) and every test image with
+model k; `oof_table` checks that every labelled image got exactly one embedding, from the model that did not see it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from lib.progress import progress_bar
+
+from lib.data.augment import create_transform
+from lib.data.datasets import ImageDataset, ImageLoader, worker_init_fn
+from lib.train.ddp import resolve_device
+from lib.tasks.ich.labels import SUBTYPES
+from lib.models.factory import create_model, embedding_dim, forward_embed
+from lib.paths import RunPaths
+from lib.registry import Registry
+from lib.train.fit import norm_stats
+
+PathLike = Union[str, Path]
+TTA_VIEWS: Registry = Registry("TTA view")
+TTA_VIEWS.add("orig", lambda x: x)
+TTA_VIEWS.add("hflip", lambda x: x.flip(-1))
+TTA_VIEWS.add("vflip", lambda x: x.flip(-2))
+TTA_VIEWS.add("transpose", lambda x: x.transpose(-1, -2))
+
+
+def load_model(checkpoint: PathLike, arch: str, device: torch.device) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(eval-mode model on `device`, checkpoint cfg dict or {}) from best.pth / epoch{e}.pth / a bare state_dict."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt["model"] if "model" in ckpt else ckpt
+    cfg = ckpt.get("cfg", {}) if "model" in ckpt else {}
+    if cfg.get("arch", arch) != arch:
+        raise ValueError(f"{path} was trained with arch {cfg['arch']!r}, not {arch!r}")
+    model = create_model(arch, num_classes=len(SUBTYPES))
+    model.load_state_dict(state)
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def embed_views(model: nn.Module, x: torch.Tensor, views: Sequence[Callable]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x float (B, 3, S, S) -> (mean embedding (B, D), mean logits (B, 6)) over the TTA views, float32."""
+    emb_sum = logit_sum = None
+    for view in views:
+        emb, logits = forward_embed(model, view(x))
+        emb_sum = emb.float() if emb_sum is None else emb_sum + emb.float()
+        logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
+    return emb_sum / len(views), logit_sum / len(views)
+
+
+def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, image_ids: Sequence[str],
+                      out_prefix: PathLike, mode: str = "single", neighbours: Optional[pd.DataFrame] = None,
+                      tta: Sequence[str] = ("orig", "hflip"), bs: int = 64, num_workers: int = 0,
+                      device: str = "auto", img_size: Optional[int] = None) -> Dict[str, Any]:
+    """Embed `image_ids` with the model in `checkpoint`; write <prefix>.npy, <prefix>_logits.npy, <prefix>.parquet.
+
+    img_size None: the training size stored in the checkpoint's cfg (else the cached size). On CUDA the forward
+    runs under bf16 autocast with channels_last. Files are written under temporary names and renamed at the end.
+    Returns {"n", "dim", "tta", "embeddings", "logits", "index", "checkpoint", "seconds"}.
+    """
+    t0, views = time.time(), [TTA_VIEWS.get(v) for v in tta]
+    if not views:
+        raise ValueError("tta must name at least one view, e.g. ('orig',)")
+    if not len(image_ids):
+        raise ValueError(f"image_ids is empty: nothing to embed for {out_prefix}")
+    dev = resolve_device(device)
+    model, cfg = load_model(checkpoint, arch, dev)
+    if cfg.get("mode", mode) != mode:
+        raise ValueError(f"{checkpoint} was trained with mode {cfg['mode']!r}, not {mode!r}")
+    size = img_size or cfg.get("img_size")
+    mean, std = norm_stats(arch)
+    ids = [str(i) for i in image_ids]
+    ds = ImageDataset(cache_dir, ids, mode=mode, neighbours=neighbours, mean=mean, std=std,
+                      transform=create_transform("none", size) if size else None)
+    dl = ImageLoader(ds, batch_size=bs, shuffle=False, num_workers=num_workers, worker_init_fn=worker_init_fn,
+                    pin_memory=dev.type == "cuda")
+    cuda = dev.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = {k: prefix.with_name(prefix.name + s) for k, s in
+             (("embeddings", ".npy"), ("logits", "_logits.npy"), ("index", ".parquet"))}
+    tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in paths.items()}
+    dim = embedding_dim(model)
+    emb_out = np.lib.format.open_memmap(tmp["embeddings"], mode="w+", dtype=np.float16, shape=(len(ids), dim))
+    logits_out = np.zeros((len(ids), len(SUBTYPES)), np.float16)
+    for batch in progress_bar(dl, desc=f"embed {prefix.name}", unit="batch", leave=False):
+        x = batch["image"].to(dev, non_blocking=True)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            emb, logits = embed_views(model, x, views)
+        rows = batch["index"].numpy()
+        emb_out[rows] = emb.cpu().numpy().astype(np.float16)
+        logits_out[rows] = logits.cpu().numpy().astype(np.float16)
+    emb_out.flush()
+    del emb_out
+    with open(tmp["logits"], "wb") as fh:
+        np.save(fh, logits_out)
+    pd.DataFrame({"image_id": ids, "row": np.arange(len(ids), dtype=np.int64)}).to_parquet(tmp["index"], index=False)
+    for k in ("embeddings", "logits", "index"):
+        os.replace(tmp[k], paths[k])
+    return {"n": len(ids), "dim": dim, "tta": list(tta), **{k: str(p) for k, p in paths.items()},
+            "checkpoint": str(checkpoint), "seconds": round(time.time() - t0, 2)}
+
+
+def _test_ids(rp: RunPaths) -> List[str]:
+    path = rp.root / "index" / "test.parquet"
+    return pd.read_parquet(path, columns=["image_id"])["image_id"].astype(str).tolist() if path.exists() else []
+
+
+def export_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, fold: int, arch: str,
+                test_ids: Optional[Sequence[str]] = None, mode: str = "single",
+                neighbours: Optional[pd.DataFrame] = None, tta: Sequence[str] = ("orig", "hflip"), bs: int = 64,
+                num_workers: int = 0, device: str = "auto", img_size: Optional[int] = None,
+                epochs: Optional[Sequence[int]] = None) -> Dict[str, List[Dict[str, Any]]]:
+    """Fold k's model (models/cnn/fold{k}/best.pth) -> embeddings/oof_fold{k}.* for the images with fold == k and
+    embeddings/test_fold{k}.* for `test_ids` (default: image_id of RUN/index/test.parquet; none -> no test export).
+    `epochs`: also export from each epoch{e}.pth with suffix `_ep{e}`. fold -1 (the all-data model): test only,
+    as test_all.*. Returns {"oof": [export_embeddings results], "test": [...]}.
+    """
+    rp = RunPaths.at(run_dir)
+    mdir, fold = rp.model_dir(fold), int(fold)
+    oof_ids = folds.loc[folds["fold"].astype(int) == fold, "image_id"].astype(str).tolist() if fold >= 0 else []
+    if fold >= 0 and not oof_ids:
+        raise ValueError(f"fold {fold} has no images in the folds table")
+    test_ids = _test_ids(rp) if test_ids is None else [str(i) for i in test_ids]
+    tag = f"fold{fold}" if fold >= 0 else "all"
+    jobs = [("best.pth", "")] + [(f"epoch{int(e)}.pth", f"_ep{int(e)}") for e in (epochs or [])]
+    out: Dict[str, List[Dict[str, Any]]] = {"oof": [], "test": []}
+    kw = dict(mode=mode, neighbours=neighbours, tta=tta, bs=bs, num_workers=num_workers, device=device,
+              img_size=img_size)
+    for ckpt, suffix in jobs:
+        for split, ids in (("oof", oof_ids), ("test", test_ids)):
+            if ids:
+                prefix = rp.embeddings_dir / f"{split}_{tag}{suffix}"
+                out[split].append(export_embeddings(mdir / ckpt, arch, cache_dir, ids, prefix, **kw))
+    return out
+
+
+def load_embeddings(prefix: PathLike) -> Tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(embeddings float16 (N, D) memory-mapped read-only, logits float16 (N, 6), index df image_id/row)."""
+    prefix = Path(prefix)
+    paths = [prefix.with_name(prefix.name + s) for s in (".npy", "_logits.npy", ".parquet")]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"embedding export {prefix} is incomplete; missing {missing}")
+    emb, logits, index = np.load(paths[0], mmap_mode="r"), np.load(paths[1]), pd.read_parquet(paths[2])
+    if not len(emb) == len(logits) == len(index):
+        raise ValueError(f"{prefix}: {len(emb)} embeddings, {len(logits)} logits, {len(index)} index rows differ")
+    return emb, logits, index
+
+
+def oof_table(run_dir: PathLike, folds: pd.DataFrame, suffix: str = "") -> Tuple[np.ndarray, np.ndarray]:
+    """(image_ids (N,) str in folds order, OOF logits float32 (N, 6)) assembled from embeddings/oof_fold{k}{suffix}.
+
+    Raises ValueError if an image's logits come from a model whose fold is not the image's fold, or if an image of
+    `folds` has no OOF row or more than one.
+    """
+    emb_dir = RunPaths.at(run_dir).embeddings_dir
+    fold_of = dict(zip(folds["image_id"].astype(str), folds["fold"].astype(int)))
+    ids_parts, logit_parts = [], []
+    for k in sorted(set(fold_of.values())):
+        _, logits, index = load_embeddings(emb_dir / f"oof_fold{k}{suffix}")
+        wrong = [i for i in index["image_id"] if fold_of.get(i) != k]
+        if wrong:
+            raise ValueError(f"oof_fold{k}{suffix} holds {len(wrong)} images not in fold {k}, e.g. {wrong[:3]}")
+        ids_parts.append(index["image_id"].astype(str).to_numpy())
+        logit_parts.append(np.asarray(logits, np.float32)[index["row"].to_numpy()])
+    ids, logits = np.concatenate(ids_parts), np.concatenate(logit_parts)
+    table = pd.DataFrame(logits, index=pd.Index(ids, name="image_id"))
+    dup = table.index[table.index.duplicated()]
+    if len(dup):
+        raise ValueError(f"images with more than one OOF row, e.g. {dup[:3].tolist()}")
+    want = folds["image_id"].astype(str).to_numpy()
+    missing = np.setdiff1d(want, ids)
+    if len(missing):
+        raise ValueError(f"{len(missing)} images have no OOF embedding, e.g. {missing[:3].tolist()}")
+    return want, table.loc[want].to_numpy(np.float32)
