@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.ensemble import (BLENDS, BlendError, any_ge_max, blend, fit_blend, maybe_postprocess, per_input_losses,
-                          read_predictions)
+from lib.ensemble import BLENDS, BlendError, blend, fit_blend, per_input_losses, read_predictions, write_predictions
+from lib.tasks.ich.labels import WEIGHTS
+from lib.tasks.ich.postprocess import any_ge_max, maybe_postprocess
 from lib.tasks.ich.labels import SUBTYPES, wide_to_long
 from lib.evaluate.metrics import weighted_log_loss
 
@@ -56,11 +57,11 @@ def test_blend_refuses_different_image_sets_and_bad_weights():
 @pytest.mark.parametrize("method", ["weighted", "weighted_per_class"])
 def test_fitted_weights_on_simplex_and_not_worse_than_best_input(problem, method: str):
     y, preds = problem
-    w = fit_blend(preds, y, method=method)
+    w = fit_blend(preds, y, WEIGHTS, method=method)
     mat = np.stack([np.broadcast_to(np.asarray(w[n], float), (6,)) for n in preds])
     assert (mat >= 0).all() and np.allclose(mat.sum(0), 1.0)
-    single = per_input_losses(preds, y)
-    blended = weighted_log_loss(y.to_numpy(), blend(preds, w).reindex(y.index).to_numpy())
+    single = per_input_losses(preds, y, WEIGHTS)
+    blended = weighted_log_loss(y.to_numpy(), blend(preds, w).reindex(y.index).to_numpy(), WEIGHTS)
     assert blended <= min(single.values()) - 1e-3  # two independent noisy inputs: the blend must gain
     assert w_total(w, "prior") < w_total(w, "a")
 
@@ -71,9 +72,9 @@ def w_total(w, name: str) -> float:
 
 def test_mean_method_and_unknown_method(problem):
     y, preds = problem
-    assert fit_blend(preds, y, method="mean") == pytest.approx({n: 1 / 3 for n in preds})
+    assert fit_blend(preds, y, WEIGHTS, method="mean") == pytest.approx({n: 1 / 3 for n in preds})
     with pytest.raises(KeyError, match="weighted"):
-        fit_blend(preds, y, method="median")
+        fit_blend(preds, y, WEIGHTS, method="median")
     assert {"mean", "weighted", "weighted_per_class"} <= set(BLENDS.names())
 
 
@@ -89,10 +90,11 @@ def test_any_ge_max_and_postprocess_gate():
     assert not keep and after > before
 
 
-def test_read_predictions_long_and_wide(tmp_path: Path):
+def test_read_and_write_predictions_wide(tmp_path: Path):
     p = wide(np.random.default_rng(1).random((5, 6)), IDS[:5])
-    wide_to_long(p).to_csv(tmp_path / "long.csv", index=False)
-    p.reset_index().to_csv(tmp_path / "wide.csv", index=False)
-    for name in ("long.csv", "wide.csv"):
-        back = read_predictions(tmp_path / name).reindex(p.index)
-        np.testing.assert_allclose(back.to_numpy(), p.to_numpy())
+    write_predictions(p, tmp_path / "wide.csv")
+    back = read_predictions(tmp_path / "wide.csv", list(p.columns)).reindex(p.index)
+    np.testing.assert_allclose(back.to_numpy(), p.to_numpy())
+    wide_to_long(p).to_csv(tmp_path / "long.csv", index=False)  # the Kaggle long format is the task's to read
+    with pytest.raises(BlendError, match="image_id"):
+        read_predictions(tmp_path / "long.csv", list(p.columns))

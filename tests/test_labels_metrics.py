@@ -58,14 +58,14 @@ def test_metric_hand_worked_example():
     y = np.array([[0, 0, 0, 0, 0, 1]], dtype=float)
     p = np.full((1, 6), 0.5)
     # every row has loss ln 2 -> weighted mean is ln 2
-    assert M.weighted_log_loss(y, p) == pytest.approx(np.log(2))
+    assert M.weighted_log_loss(y, p, L.WEIGHTS) == pytest.approx(np.log(2))
     p = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.9]])
     expected = (5 * -np.log(0.9) + 2 * -np.log(0.9)) / 7
-    assert M.weighted_log_loss(y, p) == pytest.approx(expected)
+    assert M.weighted_log_loss(y, p, L.WEIGHTS) == pytest.approx(expected)
     p2 = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.5]])  # a worse `any` costs twice a subtype
-    worse_any = M.weighted_log_loss(y, p2) - M.weighted_log_loss(y, p)
+    worse_any = M.weighted_log_loss(y, p2, L.WEIGHTS) - M.weighted_log_loss(y, p, L.WEIGHTS)
     p3 = np.array([[0.5, 0.1, 0.1, 0.1, 0.1, 0.9]])
-    worse_sub = M.weighted_log_loss(np.zeros_like(y) + y, p3) - M.weighted_log_loss(y, p)
+    worse_sub = M.weighted_log_loss(np.zeros_like(y) + y, p3, L.WEIGHTS) - M.weighted_log_loss(y, p, L.WEIGHTS)
     assert worse_any == pytest.approx(2 * worse_sub)
 
 
@@ -75,21 +75,43 @@ def test_metric_equals_sklearn_flattened_weighted():
     p = rng.uniform(0.001, 0.999, (200, 6))
     w = np.tile(L.WEIGHTS, 200)
     ref = log_loss(y.ravel(), p.ravel(), sample_weight=w, labels=[0, 1])
-    assert M.weighted_log_loss(y, p) == pytest.approx(ref, rel=1e-9)
+    assert M.weighted_log_loss(y, p, L.WEIGHTS) == pytest.approx(ref, rel=1e-9)
     per = M.per_class_log_loss(y, p)
     assert per[0] == pytest.approx(log_loss(y[:, 0], p[:, 0], labels=[0, 1]))
-    rep = M.metric_report(y, p, "oof_cnn")
+    rep = M.metric_report(y, p, "oof_cnn", L.SUBTYPES, L.WEIGHTS)
     assert rep["oof_cnn_logloss"] == pytest.approx(ref) and "oof_cnn_logloss_any" in rep
 
 
 def test_metric_clips_and_rejects_bad_shapes():
     y = np.ones((1, 6))
-    assert np.isfinite(M.weighted_log_loss(y, np.zeros((1, 6))))
-    assert M.weighted_log_loss(y, np.zeros((1, 6))) == pytest.approx(-np.log(1e-6))
+    assert np.isfinite(M.weighted_log_loss(y, np.zeros((1, 6)), L.WEIGHTS))
+    assert M.weighted_log_loss(y, np.zeros((1, 6)), L.WEIGHTS) == pytest.approx(-np.log(1e-6))
+    with pytest.raises(ValueError, match=r"weights must be 5"):
+        M.weighted_log_loss(np.ones((2, 5)), np.ones((2, 5)), L.WEIGHTS)
     with pytest.raises(ValueError, match=r"shape"):
-        M.weighted_log_loss(np.ones((2, 5)), np.ones((2, 5)))
+        M.weighted_log_loss(np.ones((2, 6)), np.ones((3, 6)), L.WEIGHTS)
     with pytest.raises(ValueError, match=r"NaN"):
-        M.weighted_log_loss(y, np.full((1, 6), np.nan))
+        M.weighted_log_loss(y, np.full((1, 6), np.nan), L.WEIGHTS)
+
+
+def test_one_metric_for_training_loss_and_score():
+    """The torch training loss on logits equals the numpy metric on sigmoid(logits), also over masked rows."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, (4, 7, 6))
+    y = (rng.random((4, 7, 6)) < 0.3).astype(np.float64)
+    mask = rng.random((4, 7)) < 0.6
+    loss = M.weighted_bce_with_logits(torch.tensor(z), torch.tensor(y), L.WEIGHTS, torch.tensor(mask)).item()
+    assert loss == pytest.approx(M.weighted_log_loss(y[mask], 1 / (1 + np.exp(-z[mask])), L.WEIGHTS), rel=1e-5)
+    assert set(M.METRICS.names()) >= {"weighted_log_loss", "mean_auc"}
+    assert M.METRICS.get("weighted_log_loss") is M.weighted_log_loss
+
+
+def test_mean_auc_skips_single_class_labels():
+    y = np.array([[0, 1], [1, 1], [0, 1], [1, 1]], dtype=float)
+    p = np.array([[0.1, 0.5], [0.9, 0.5], [0.2, 0.5], [0.8, 0.5]])
+    assert M.mean_auc(y, p) == pytest.approx(1.0)
 
 
 def test_prior_predictions():

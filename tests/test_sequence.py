@@ -12,6 +12,7 @@ import torch
 
 from lib.tasks.ich.labels import SUBTYPES
 from lib.evaluate.metrics import weighted_log_loss
+from lib.tasks.ich.labels import WEIGHTS
 from lib.models.seq_heads import HEADS, create_head
 from lib.sequence.strategies import SeqConfig, fit_head, load_models, predict_probs, train_sequence
 from lib.sequence.features import (SequenceDataError, SeriesDataset, collate_series, feature_dim, masked_weighted_bce,
@@ -132,7 +133,7 @@ def test_memmap_is_pickled_by_name_not_content(tmp_path: Path):
 def test_padding_never_changes_real_outputs(name: str):
     torch.manual_seed(0)
     nf = feature_dim(D)
-    head = create_head(name, nf).eval()
+    head = create_head(name, nf, 6).eval()
     short, long = torch.randn(1, 4, nf), torch.randn(1, 9, nf)
     batch = torch.zeros(2, 9, nf)
     batch[0], batch[1, :4] = long[0], short[0]
@@ -153,7 +154,7 @@ def test_masked_loss_matches_metric_and_ignores_padding():
     logits, y = torch.randn(2, 5, 6), (torch.rand(2, 5, 6) > 0.7).float()
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
     loss = masked_weighted_bce(logits, y, mask)
-    expect = weighted_log_loss(y[mask].numpy(), torch.sigmoid(logits[mask]).numpy())
+    expect = weighted_log_loss(y[mask].numpy(), torch.sigmoid(logits[mask]).numpy(), WEIGHTS)
     assert loss.item() == pytest.approx(expect, rel=1e-5)
     y2, logits2 = y.clone(), logits.clone()
     y2[1, 2:], logits2[1, 2:] = 1 - y2[1, 2:], 50.0
@@ -164,7 +165,7 @@ def test_masked_loss_matches_metric_and_ignores_padding():
 
 def test_unknown_names_and_config_keys_are_listed():
     with pytest.raises(KeyError, match="gru_conv, lstm"):
-        create_head("gru", 10)
+        create_head("gru", 10, 6)
     with pytest.raises(KeyError, match="valid keys"):
         SeqConfig.from_dict({"hedd": "lstm"})
     assert SeqConfig.from_dict({"crop": [8, 16]}).crop == (8, 16)
@@ -271,7 +272,7 @@ def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: 
     pred = predict_probs(models, valid_ds, progress=False)
     y = va[4].reindex(pred.index).to_numpy(np.float64)
     per_slice = 1 / (1 + np.exp(-va[2].astype(np.float64)[va[3][pred.index].to_numpy()]))
-    seq_loss, cnn_loss = weighted_log_loss(y, pred.to_numpy()), weighted_log_loss(y, per_slice)
+    seq_loss, cnn_loss = weighted_log_loss(y, pred.to_numpy(), WEIGHTS), weighted_log_loss(y, per_slice, WEIGHTS)
     assert seq_loss < 0.5 * cnn_loss, (seq_loss, cnn_loss)
 
 

@@ -14,6 +14,7 @@ from fastai.callback.core import Callback
 
 from lib.tasks.ich.labels import SUBTYPES
 from lib.evaluate.metrics import weighted_log_loss
+from lib.tasks.ich.labels import WEIGHTS
 from lib.train.fit import TrainConfig, WeightedBCE, launch, split_fold, train_fold
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
@@ -60,7 +61,7 @@ def test_weighted_bce_equals_competition_metric():
     z = rng.normal(0, 2, (64, 6)).clip(-8, 8)  # sigmoid stays inside [1e-6, 1 - 1e-6]: the metric does not clip
     y = (rng.random((64, 6)) < 0.3).astype(np.float64)
     loss = WeightedBCE()(torch.tensor(z, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)).item()
-    assert loss == pytest.approx(weighted_log_loss(y, 1 / (1 + np.exp(-z))), rel=1e-5)
+    assert loss == pytest.approx(weighted_log_loss(y, 1 / (1 + np.exp(-z)), WEIGHTS), rel=1e-5)
     plain = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(z), torch.tensor(y)).item()
     assert abs(loss - plain) > 1e-4  # the any-weighting matters
 
@@ -177,7 +178,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, monkeypatch):
     ds = ImageDataset(cache, va, labels.loc[va].to_numpy(), transform=create_transform("none", 32), mean=mean, std=std)
     with torch.no_grad():
         p = torch.sigmoid(model(torch.stack([ds[i]["image"] for i in range(len(ds))]))).numpy()
-    assert res["best_valid_logloss"] == pytest.approx(weighted_log_loss(labels.loc[va].to_numpy(), p), abs=1e-5)
+    assert res["best_valid_logloss"] == pytest.approx(weighted_log_loss(labels.loc[va].to_numpy(), p, WEIGHTS), abs=1e-5)
 
 
 @pytest.mark.gpu

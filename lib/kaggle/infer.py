@@ -24,6 +24,7 @@ from lib.imaging import windowing
 from lib.kaggle.bundle import Bundle, BundleError
 from lib.data.datasets import neighbours
 from lib.tasks.ich.labels import SUBTYPES, split_ids
+from lib.tasks.ich.postprocess import any_ge_max
 from lib.paths import CompetitionData, PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
 from lib.sequence.features import SeriesDataset, load_models, open_embedding_set, predict_probs
 
@@ -128,7 +129,7 @@ def blend_test(bundle: Bundle, preds: Dict[str, pd.DataFrame]) -> pd.DataFrame:
     if missing:
         raise BundleError(f"blend inputs {missing} were not predicted; have {sorted(preds)}")
     out = ensemble.blend({n: preds[spec["inputs"][n]] for n in weights}, weights)
-    return ensemble.any_ge_max(out) if spec.get("postprocess") else out
+    return any_ge_max(out) if spec.get("postprocess") else out
 
 
 def fill_missing(pred: pd.DataFrame, sample_submission: PathLike) -> Tuple[pd.DataFrame, int]:

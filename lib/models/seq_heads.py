@@ -1,4 +1,6 @@
-"""Sequence heads by registry name: (x (B, L, F) float32, mask bool (B, L)) -> per-slice logits (B, L, 6).
+"""Sequence heads by registry name: (x (B, L, F) float32, mask bool (B, L)) -> per-slice logits (B, L, C).
+
+C = `num_classes`, the task's number of labels (6 for ICH), given at construction.
 
 Batches are post-padded (`lib.sequence.collate_series`); every head is mask-correct: a real slice's output does not
 depend on how much padding follows it (RNNs are packed, convolutions see zeros at padded positions exactly as at a
@@ -13,16 +15,15 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lib.tasks.ich.labels import SUBTYPES
 from lib.registry import Registry
 
 HEADS: Registry = Registry("sequence head")
-N_OUT = len(SUBTYPES)
 
 
-def create_head(name: str, in_dim: int, **kwargs: Any) -> nn.Module:
-    """Build the sequence head registered as `name` for per-slice inputs of size `in_dim`."""
-    return HEADS.get(name)(in_dim=in_dim, **kwargs)
+def create_head(name: str, in_dim: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the sequence head registered as `name` for per-slice inputs of size `in_dim` and `num_classes`
+    outputs per slice."""
+    return HEADS.get(name)(in_dim=in_dim, num_classes=num_classes, **kwargs)
 
 
 def run_packed(rnn: nn.RNNBase, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,9 +43,9 @@ def projection(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
 @HEADS.register("lstm")
 class LSTMHead(nn.Module):
     """2nd-place head: projection, two stacked BiLSTMs (hidden H per direction, packed),
-    h = l1 + l2 + ReLU(Linear(l1)) + ReLU(Linear(l2)) + projected input (width 2H), Linear(2H -> 6)."""
+    h = l1 + l2 + ReLU(Linear(l1)) + ReLU(Linear(l2)) + projected input (width 2H), Linear(2H -> C)."""
 
-    def __init__(self, in_dim: int, hidden: int = 256, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, num_classes: int, hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
         width = 2 * hidden
         self.proj = projection(in_dim, width, dropout)
@@ -52,7 +53,7 @@ class LSTMHead(nn.Module):
         self.lstm2 = nn.LSTM(width, hidden, batch_first=True, bidirectional=True)
         self.lin1, self.lin2 = nn.Linear(width, width), nn.Linear(width, width)
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(width, N_OUT)
+        self.out = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         p = self.proj(x)
@@ -83,17 +84,17 @@ class MaskedDilatedConv(nn.Module):
 @HEADS.register("gru_conv")
 class GRUConvHead(nn.Module):
     """1st-place style: per-slice MLP (+ auxiliary per-slice logits), dilated convs along the series, 2-layer BiGRU
-    (packed), Linear over [conv, gru] -> 6. Returns (main, aux) logits, each (B, L, 6)."""
+    (packed), Linear over [conv, gru] -> C. Returns (main, aux) logits, each (B, L, C)."""
 
-    def __init__(self, in_dim: int, mlp_dim: int = 256, hidden: int = 96, dilations: Sequence[int] = (1, 2, 4, 2),
-                 kernel: int = 3, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, num_classes: int, mlp_dim: int = 256, hidden: int = 96,
+                 dilations: Sequence[int] = (1, 2, 4, 2), kernel: int = 3, dropout: float = 0.1) -> None:
         super().__init__()
         self.mlp = nn.Sequential(projection(in_dim, 2 * mlp_dim, dropout), projection(2 * mlp_dim, mlp_dim, dropout))
-        self.aux = nn.Linear(mlp_dim, N_OUT)
+        self.aux = nn.Linear(mlp_dim, num_classes)
         self.conv = MaskedDilatedConv(mlp_dim, dilations, kernel, dropout)
         self.gru = nn.GRU(mlp_dim, hidden, num_layers=2, batch_first=True, bidirectional=True,
                           dropout=dropout)
-        self.out = nn.Linear(mlp_dim + 2 * hidden, N_OUT)
+        self.out = nn.Linear(mlp_dim + 2 * hidden, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         z = self.mlp(x)
@@ -114,16 +115,16 @@ def sinusoid(length: int, dim: int, device: torch.device) -> torch.Tensor:
 
 @HEADS.register("transformer")
 class TransformerHead(nn.Module):
-    """Projection + sinusoidal slice position, pre-norm transformer encoder with a key padding mask, Linear -> 6."""
+    """Projection + sinusoidal slice position, pre-norm transformer encoder with a key padding mask, Linear -> C."""
 
-    def __init__(self, in_dim: int, dim: int = 256, heads: int = 4, layers: int = 2, ff_mult: int = 2,
+    def __init__(self, in_dim: int, num_classes: int, dim: int = 256, heads: int = 4, layers: int = 2, ff_mult: int = 2,
                  dropout: float = 0.1) -> None:
         super().__init__()
         self.proj = projection(in_dim, dim, dropout)
         layer = nn.TransformerEncoderLayer(dim, heads, ff_mult * dim, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, N_OUT)
+        self.out = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         p = self.proj(x)

@@ -17,12 +17,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from lib.progress import progress_bar
 
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
+from lib.evaluate.metrics import weighted_bce_with_logits
 from lib.paths import PathLike, RunPaths
 from lib.models.seq_heads import create_head
 
@@ -219,18 +220,13 @@ def split_output(out: Union[torch.Tensor, Tuple[torch.Tensor, ...], Dict[str, to
     return out, None
 
 
-def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Metric-weighted BCE (any = 2, subtypes 1, divided by the weight sum) averaged over real slices only.
+def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                        weights: Sequence[float] = tuple(WEIGHTS)) -> torch.Tensor:
+    """The metric-weighted BCE (`lib.evaluate.metrics.weighted_bce_with_logits`) over real slices only.
 
-    logits, y: (B, L, 6); mask: bool (B, L). Equals `lib.metrics.weighted_log_loss` of sigmoid(logits) on the
-    unmasked slices (without its clipping).
+    logits, y: (B, L, C); mask: bool (B, L).
     """
-    logits = logits.float()  # bf16/fp16 logits under mixed precision: the loss is summed in float32
-    w = torch.as_tensor(WEIGHTS, dtype=logits.dtype, device=logits.device)
-    bce = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none")
-    per_slice = (bce * w).sum(-1) / w.sum()
-    m = mask.to(per_slice.dtype)
-    return (per_slice * m).sum() / m.sum().clamp_min(1.0)
+    return weighted_bce_with_logits(logits, y, weights, mask)
 
 
 class SeqLoss:
@@ -290,7 +286,7 @@ def load_models(ckpt: Any, device: Optional[torch.device] = None) -> List[nn.Mod
         ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
     models = []
     for state in ckpt["states"]:
-        m = create_head(ckpt["head"], ckpt["in_dim"], **ckpt["head_kwargs"])
+        m = create_head(ckpt["head"], ckpt["in_dim"], ckpt["num_classes"], **ckpt["head_kwargs"])
         m.load_state_dict(state)
         models.append(m.to(device or torch.device("cpu")).eval())
     return models

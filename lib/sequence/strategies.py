@@ -35,14 +35,15 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, wide_to_long
-from lib.evaluate.metrics import metric_report
+from lib.evaluate.metrics import metric_report, weighted_log_loss
 from lib.paths import PathLike, RunPaths, atomic_write, atomic_write_text
 from lib.train.ddp import resolve_precision
 from lib.ensemble import mean_frames
 from lib.registry import Registry
 from lib.models.seq_heads import create_head
-from lib.sequence.features import (EmbeddingSet, SeriesDataset, SeqLoss, SequenceDataError, collate_for_learner, feature_dim,
-                       load_models, open_embedding_set, predict_probs, seed_worker, split_output)
+from lib.sequence.features import (EmbeddingSet, SeriesDataset, SeqLoss, SequenceDataError, collate_for_learner,
+                                   feature_dim, load_models, open_embedding_set, predict_probs, seed_worker,
+                                   split_output)
 
 STRATEGIES: Registry = Registry("sequence fold strategy")
 
@@ -113,24 +114,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 class MaskedWLL(Metric):
-    """Competition metric (clip 1e-6) over the real validation slices, accumulated exactly across batches."""
+    """The task metric (`lib.evaluate.metrics.weighted_log_loss`) over the real validation slices of an epoch."""
 
     def reset(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.preds: List[np.ndarray] = []
+        self.targs: List[np.ndarray] = []
 
     def accumulate(self, learn: Learner) -> None:
         main, _ = split_output(learn.pred)
         y, mask = learn.yb
-        p = torch.sigmoid(main.float()).clamp(1e-6, 1 - 1e-6)
-        w = torch.as_tensor(WEIGHTS, dtype=p.dtype, device=p.device)
-        ll = -(y * torch.log(p) + (1 - y) * torch.log1p(-p))
-        per_slice = (ll * w).sum(-1) / w.sum()
-        self.total += float(per_slice[mask].sum())
-        self.count += int(mask.sum())
+        self.preds.append(torch.sigmoid(main.float())[mask].detach().cpu().numpy())
+        self.targs.append(y[mask].detach().float().cpu().numpy())
 
     @property
     def value(self) -> Optional[float]:
-        return self.total / self.count if self.count else None
+        if not self.preds or not sum(len(p) for p in self.preds):
+            return None
+        return weighted_log_loss(np.concatenate(self.targs), np.concatenate(self.preds), WEIGHTS)
 
     @property
     def name(self) -> str:
@@ -164,7 +164,7 @@ def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, 
     """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = create_head(cfg.head, in_dim, **cfg.head_kwargs).to(device)
+    model = create_head(cfg.head, in_dim, len(SUBTYPES), **cfg.head_kwargs).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     kw = dict(batch_size=cfg.bs, collate_fn=collate_for_learner, num_workers=cfg.num_workers,
               worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
@@ -182,8 +182,8 @@ def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, 
         learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr)
     if not keep.states:
         raise SequenceDataError(f"{tag}: the validation metric was never finite (NaN inputs or a diverged model)")
-    ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "states": keep.states,
-            "fingerprint": fingerprint}
+    ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "num_classes": len(SUBTYPES),
+            "states": keep.states, "fingerprint": fingerprint}
     atomic_write(out_dir / f"{tag}.pth", lambda tmp: torch.save(ckpt, tmp))  # a killed run leaves no half head
     log = {"tag": tag, "best_epoch": keep.best_epoch, "valid_wll_best": keep.best if keep.best_epoch >= 0 else None,
            "valid_wll_last": metric.value, "n_states": len(keep.states)}
@@ -340,8 +340,8 @@ def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFram
         raise SequenceDataError(f"{strategy}: non-finite predictions (NaN inputs or a diverged model)")
     y = labels.reindex(oof.index)[list(SUBTYPES)].to_numpy(np.float64)
     cnn = _cnn_oof_probs(train, oof_sets).reindex(oof.index).to_numpy()
-    metrics = {**metric_report(y, oof.to_numpy(), f"oof_seq_{strategy}"),
-               f"oof_seq_{strategy}_input_cnn_logloss": metric_report(y, cnn, "x")["x_logloss"],
+    metrics = {**metric_report(y, oof.to_numpy(), f"oof_seq_{strategy}", SUBTYPES, WEIGHTS),
+               f"oof_seq_{strategy}_input_cnn_logloss": weighted_log_loss(y, cnn, WEIGHTS),
                f"seq_{strategy}_train_s": round(time.time() - t0, 1)}
     if write:
         _write(run, oof, test, metrics)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
-from lib.evaluate.metrics import per_class_log_loss
+from lib.evaluate.metrics import per_class_log_loss, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ class CompetitionLogLoss(Metric):
         if not len(p):
             return None
         self.per_class = per_class_log_loss(y, p)
-        return float((self.per_class * WEIGHTS).sum() / WEIGHTS.sum())
+        return weighted_mean(self.per_class, WEIGHTS)
 
     @property
     def name(self) -> str:

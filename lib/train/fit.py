@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+
 from lib.train import fastai_quiet  # noqa: F401  (before fastai: silences its torch.jit FutureWarning)
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
@@ -51,6 +51,7 @@ from lib.data.datasets import IMAGENET_MEAN, IMAGENET_STD, MODES, ImageDataset, 
     worker_init_fn
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, read_labels
 from lib.models.factory import MODEL_ZOO, create_model
+from lib.evaluate.metrics import weighted_bce_with_logits
 from lib.paths import RunPaths, atomic_write_text
 from lib.registry import Registry
 from lib.train.callbacks import (ChannelsLastInput, EpochCheckpoint, EpochSeed, ResumableCSVLogger,  # noqa: F401
@@ -135,8 +136,7 @@ class WeightedBCE(nn.Module):
         self.register_buffer("weights", torch.as_tensor(np.asarray(weights, np.float32)))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-        return (bce * self.weights).sum() / (bce.shape[0] * self.weights.sum())
+        return weighted_bce_with_logits(logits, target, self.weights)
 
 
 # ---------------------------------------------------------------- optimizers and schedules
