@@ -85,7 +85,7 @@ def test_single_mode_item(cache) -> None:
 
 
 def test_no_labels_gives_zero_target(cache) -> None:
-    item = ImageDataset(cache, ["ID_a0"])[0]
+    item = ImageDataset(cache, ["ID_a0"], num_classes=6)[0]
     assert item["target"].dtype == torch.float32 and item["target"].tolist() == [0.0] * 6
 
 

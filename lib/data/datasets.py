@@ -1,7 +1,7 @@
 """Datasets and samplers for the 2D stage: cached uint8 images -> normalised tensors, slice neighbours, subsampling.
 
-Batches are dicts: {"image": float32 (B, 3, S, S), "target": float32 (B, 6) in SUBTYPES order, "image_id": list of
-str, "index": int64 (B,)}. Images come from the windowed cache (`lib.windowing.load_cached`, uint8 (S, S, 3) RGB).
+Batches are dicts: {"image": float32 (B, 3, S, S), "target": float32 (B, L) in the task's label order, "image_id":
+list of str, "index": int64 (B,)}. Images come from the windowed cache (`lib.windowing.load_cached`, uint8 (S, S, 3) RGB).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from lib.tasks.ich.labels import SUBTYPES
 from lib.imaging.windowing import cv2_single_thread, load_cached
 
 PathLike = Union[str, Path]
@@ -48,20 +47,21 @@ def neighbours(index: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- dataset
 class ImageDataset(Dataset):
-    """Cached windowed slices as normalised tensors, with the 6 labels.
+    """Cached windowed slices as normalised tensors, with their labels.
 
     cache_dir: a cache folder of `lib.windowing.build_cache` (`<image_id>.png` / `.npy`, uint8 (S, S, 3) RGB).
-    image_ids: the N images of this dataset; labels: (N, 6) 0/1 in SUBTYPES order, or None (target = zeros).
+    image_ids: the N images of this dataset; labels: (N, L) 0/1 in the task's label order, or None (target = zeros
+    of `num_classes`).
     mode: "single" = the cached 3-window image; "adjacent" = channel `adjacent_channel` (the policy's first window,
     e.g. brain) of slices s-1, s, s+1 as the 3 channels (needs `neighbours`, a table from `neighbours()`).
     transform: albumentations pipeline on the uint8 (S, S, 3) image, before normalisation with mean/std (fractions
-    of 255). Item: {"image": float32 (3, S', S'), "target": float32 (6,), "image_id": str, "index": int}.
+    of 255). Item: {"image": float32 (3, S', S'), "target": float32 (L,), "image_id": str, "index": int}.
     """
 
     def __init__(self, cache_dir: PathLike, image_ids: Sequence[str], labels: Optional[np.ndarray] = None,
                  mode: str = "single", neighbours: Optional[pd.DataFrame] = None,
                  transform: Optional[A.Compose] = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, adjacent_channel: int = 0) -> None:
+                 std: Sequence[float] = IMAGENET_STD, adjacent_channel: int = 0, num_classes: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.cache_dir = Path(cache_dir)
@@ -69,8 +69,9 @@ class ImageDataset(Dataset):
         self.image_ids = np.asarray([str(i) for i in image_ids], dtype=str)
         n = len(self.image_ids)
         self.labels = None if labels is None else np.ascontiguousarray(labels, dtype=np.float32)
-        if self.labels is not None and self.labels.shape != (n, len(SUBTYPES)):
-            raise ValueError(f"labels must have shape ({n}, {len(SUBTYPES)}), got {self.labels.shape}")
+        if self.labels is not None and (self.labels.ndim != 2 or len(self.labels) != n):
+            raise ValueError(f"labels must have shape ({n}, L), one row per image; got {self.labels.shape}")
+        self.num_classes = self.labels.shape[1] if self.labels is not None else int(num_classes)
         self.mode, self.transform, self.adjacent_channel = mode, transform, int(adjacent_channel)
         self.prev_ids = self.next_ids = None
         if mode == "adjacent":
@@ -115,7 +116,7 @@ class ImageDataset(Dataset):
         img = self.load(i)
         if self.transform is not None:
             img = self.transform(image=img)["image"]
-        target = np.zeros(len(SUBTYPES), np.float32) if self.labels is None else self.labels[i]
+        target = np.zeros(self.num_classes, np.float32) if self.labels is None else self.labels[i]
         return {"image": self.normalise(img), "target": torch.from_numpy(np.array(target, np.float32)),
                 "image_id": str(self.image_ids[i]), "index": i}
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
-from lib.tasks.ich.labels import SUBTYPES
 from lib.paths import atomic_write_text
 
 PathLike = Union[str, Path]
@@ -30,19 +29,24 @@ class FoldsError(ValueError):
     """A folds table (or its inputs) does not have the expected columns or grouping."""
 
 
-def patient_profiles(images: pd.DataFrame, labels: pd.DataFrame) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def patient_profiles(images: pd.DataFrame, labels: pd.DataFrame, heavy_label: Optional[str] = None
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-patient stratification vectors.
 
-    `images` has image_id and patient_id; `labels` is the wide 0/1 table indexed by image_id.
-    Returns (patient ids (P,) sorted, flags (P, 7) bool = 6 "any positive slice" flags + "heavy", n_images (P,) int).
+    `images` has image_id and patient_id; `labels` is the wide 0/1 table indexed by image_id, one column per label.
+    A patient is "heavy" with more positive images of `heavy_label` (default: any label) than the median positive
+    patient. Returns (patient ids (P,) sorted, flags (P, L+1) bool = L "some positive image" flags + "heavy",
+    n_images (P,) int).
     """
-    lab = labels.reindex(images["image_id"].to_numpy())[list(SUBTYPES)].to_numpy().astype(np.int64)
-    per = pd.DataFrame(lab, columns=list(SUBTYPES))
+    cols = list(labels.columns)
+    lab = labels.reindex(images["image_id"].to_numpy())[cols].to_numpy().astype(np.int64)
+    per = pd.DataFrame(lab, columns=cols)
+    per["_positive"] = per[heavy_label] if heavy_label is not None else (lab.sum(1) > 0).astype(np.int64)
     per["patient_id"] = images["patient_id"].to_numpy()
     per["n_images"] = 1
     grouped = per.groupby("patient_id", sort=True).sum()
-    pos = grouped[list(SUBTYPES)].to_numpy()
-    n_any = grouped["any"].to_numpy()
+    pos = grouped[cols].to_numpy()
+    n_any = grouped["_positive"].to_numpy()
     median_pos = np.median(n_any[n_any > 0]) if (n_any > 0).any() else 0.0
     heavy = n_any > median_pos
     flags = np.concatenate([pos > 0, heavy[:, None]], axis=1)
@@ -101,17 +105,20 @@ def _check_columns(df: pd.DataFrame, needed: Tuple[str, ...], source: str) -> No
         raise FoldsError(f"{source}: missing columns {missing}; expected {list(needed)}")
 
 
-def make_folds(meta: pd.DataFrame, labels: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+def make_folds(meta: pd.DataFrame, labels: pd.DataFrame, n_folds: int = 5, seed: int = 42,
+               heavy_label: Optional[str] = None) -> pd.DataFrame:
     """Patient-grouped, label-stratified folds for every labelled image that is in the header index.
 
     meta: header index (image_id, patient_id, study_uid, series_uid; one row per readable file).
-    labels: wide uint8 table (index image_id, columns SUBTYPES), e.g. `lib.labels.read_labels`.
+    labels: wide 0/1 table (index image_id, one column per label of the task); `heavy_label`: see
+    `patient_profiles` (ICH uses `any`).
     Returns one row per labelled readable image, sorted by image_id: image_id, patient_id, study_uid, series_uid,
     fold (int64 in 0..n_folds-1). Labelled images missing from `meta` (unreadable) are dropped; their number is
     logged and stored in `result.attrs["n_dropped"]`. Deterministic for `seed`.
     """
     _check_columns(meta, META_COLUMNS, "meta")
-    _check_columns(labels, SUBTYPES, "labels")
+    if labels.shape[1] == 0 or (heavy_label is not None and heavy_label not in labels.columns):
+        raise FoldsError(f"labels: need label columns (and {heavy_label!r}); got {list(labels.columns)}")
     if n_folds < 2:
         raise FoldsError(f"n_folds must be >= 2, got {n_folds}")
     if meta["image_id"].duplicated().any():
@@ -127,7 +134,7 @@ def make_folds(meta: pd.DataFrame, labels: pd.DataFrame, n_folds: int = 5, seed:
                      "e.g. %s", n_dropped, labels.index[~in_meta][:3].tolist())
     images = meta.loc[meta["image_id"].isin(labels.index), list(META_COLUMNS)]
     images = images.sort_values("image_id", kind="stable").reset_index(drop=True)
-    patients, flags, sizes = patient_profiles(images, labels)
+    patients, flags, sizes = patient_profiles(images, labels, heavy_label)
     if n_folds > len(patients):
         raise FoldsError(f"n_folds={n_folds} is larger than the number of labelled patients ({len(patients)})")
     fold_of = dict(zip(patients, iterative_stratification(flags, sizes, n_folds, seed)))
@@ -138,10 +145,11 @@ def make_folds(meta: pd.DataFrame, labels: pd.DataFrame, n_folds: int = 5, seed:
 
 def fold_summary(folds: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     """Per fold: n_patients, n_images and the slice-level prevalence of each label (one row per fold)."""
-    lab = labels.reindex(folds["image_id"].to_numpy())[list(SUBTYPES)].to_numpy(dtype=np.float64)
-    df = pd.DataFrame(lab, columns=list(SUBTYPES))
+    cols = list(labels.columns)
+    lab = labels.reindex(folds["image_id"].to_numpy())[cols].to_numpy(dtype=np.float64)
+    df = pd.DataFrame(lab, columns=cols)
     df["fold"] = folds["fold"].to_numpy()
-    out = df.groupby("fold")[list(SUBTYPES)].mean()
+    out = df.groupby("fold")[cols].mean()
     out.insert(0, "n_images", df.groupby("fold").size())
     out.insert(0, "n_patients", folds.groupby("fold")["patient_id"].nunique())
     return out

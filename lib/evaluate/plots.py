@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lib.tasks.ich.labels import SUBTYPES
 from lib.paths import atomic_write
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -34,8 +33,8 @@ def save(fig: plt.Figure, folder: Union[str, Path], name: str, dpi: int = 110) -
 
 
 def prevalence(labels: pd.DataFrame) -> plt.Figure:
-    """Bar chart of the per-image positive rate of each label (wide uint8 table)."""
-    rate = labels[list(SUBTYPES)].mean()
+    """Bar chart of the per-image positive rate of each label (wide 0/1 table, one column per label)."""
+    rate = labels.mean()
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar(rate.index, rate.values, color="tab:red")
     for i, v in enumerate(rate.values):
@@ -47,9 +46,9 @@ def prevalence(labels: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def cooccurrence(labels: pd.DataFrame) -> plt.Figure:
-    """Heatmap of P(column | row) between the 5 subtypes."""
-    sub = [s for s in SUBTYPES if s != "any"]
+def cooccurrence(labels: pd.DataFrame, exclude: Sequence[str] = ()) -> plt.Figure:
+    """Heatmap of P(column | row) between the label columns (less `exclude`, e.g. a summary label)."""
+    sub = [s for s in labels.columns if s not in exclude]
     x = labels[sub].to_numpy(dtype=np.float64)
     counts = x.T @ x
     cond = counts / np.maximum(np.diag(counts)[:, None], 1)

@@ -20,18 +20,18 @@ import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from lib.tasks.ich.labels import SUBTYPES
 
 STAGES = (("prior", "oof_prior"), ("cnn", "oof_cnn"), ("sequence", "oof_seq"), ("ensemble", "oof_ensemble"))
 
 
-def oof_table(metrics: Mapping[str, float]) -> pd.DataFrame:
-    """Rows = stages present in metrics.json, columns = weighted loss + per-class losses, plus the gain vs CNN."""
+def oof_table(metrics: Mapping[str, float], labels: Sequence[str]) -> pd.DataFrame:
+    """Rows = stages present in metrics.json, columns = weighted loss + the per-label losses of `labels`, plus the
+    gain vs CNN."""
     rows: Dict[str, Dict[str, float]] = {}
     for name, prefix in STAGES:
         if f"{prefix}_logloss" in metrics:
             rows[name] = {"weighted": metrics[f"{prefix}_logloss"],
-                          **{s: metrics.get(f"{prefix}_logloss_{s}", np.nan) for s in SUBTYPES}}
+                          **{s: metrics.get(f"{prefix}_logloss_{s}", np.nan) for s in labels}}
     table = pd.DataFrame(rows).T
     if "cnn" in table.index:
         table["vs_cnn"] = table["weighted"] / table.loc["cnn", "weighted"] - 1
@@ -48,8 +48,9 @@ def format_table(table: pd.DataFrame) -> str:
 
 def curves(y: pd.DataFrame, preds: Mapping[str, pd.DataFrame]) -> plt.Figure:
     """Per-class ROC (top row) and precision-recall (bottom row) curves of each prediction table."""
-    fig, axes = plt.subplots(2, len(SUBTYPES), figsize=(3 * len(SUBTYPES), 6), squeeze=False)
-    for j, s in enumerate(SUBTYPES):
+    labels = list(y.columns)
+    fig, axes = plt.subplots(2, len(labels), figsize=(3 * len(labels), 6), squeeze=False)
+    for j, s in enumerate(labels):
         yt = y[s].to_numpy()
         for name, p in preds.items():
             ps = p.reindex(y.index)[s].to_numpy()
@@ -73,8 +74,9 @@ def curves(y: pd.DataFrame, preds: Mapping[str, pd.DataFrame]) -> plt.Figure:
 
 
 def calibration(y: pd.DataFrame, preds: Mapping[str, pd.DataFrame], n_bins: int = 10,
-                labels: Sequence[str] = ("any",) + SUBTYPES[:-1]) -> plt.Figure:
-    """Reliability diagrams (quantile bins) per label and prediction table."""
+                labels: Optional[Sequence[str]] = None) -> plt.Figure:
+    """Reliability diagrams (quantile bins) per label (`labels`, default every column of `y`) and prediction table."""
+    labels = list(y.columns) if labels is None else list(labels)
     fig, axes = plt.subplots(1, len(labels), figsize=(3 * len(labels), 3), squeeze=False)
     for ax, s in zip(axes[0], labels):
         yt = y[s].to_numpy()
@@ -188,7 +190,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not path.exists():
         print(f"error: {path} does not exist (has the run finished?)", file=sys.stderr)
         return 2
-    table = oof_table(json.loads(path.read_text()))
+    from lib.tasks import get_task
+
+    manifest = args.run_dir / "manifest.json"
+    task = get_task(json.loads(manifest.read_text()).get("task", "ich") if manifest.exists() else "ich")
+    table = oof_table(json.loads(path.read_text()), task.labels)
     print(f"OOF weighted log loss ({args.run_dir}):")
     print(format_table(table))
     return 0

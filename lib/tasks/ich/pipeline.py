@@ -105,7 +105,7 @@ def ensure_folds(rp: RunPaths, index: pd.DataFrame, labels: pd.DataFrame, n_fold
             raise ValueError(f"{rp.folds} has {folds['fold'].nunique()} folds but n_folds={n_folds}; "
                              "use a new run dir (folds are fixed for a run)")
         return folds
-    folds = make_folds(index, labels, n_folds=n_folds, seed=seed)
+    folds = make_folds(index, labels[list(SUBTYPES)], n_folds=n_folds, seed=seed, heavy_label="any")
     write_folds(folds, rp.folds)
     rp.record("folds", rp.folds)
     return folds
