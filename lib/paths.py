@@ -15,9 +15,6 @@ from typing import Any, Callable, Dict, Optional, Union
 
 PathLike = Union[str, Path]
 
-COMPETITION = "rsna-intracranial-hemorrhage-detection"
-
-
 def on_kaggle() -> bool:
     """True inside a Kaggle kernel (Kaggle sets KAGGLE_KERNEL_RUN_TYPE)."""
     return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
@@ -46,65 +43,25 @@ def attached_dataset(slug: str) -> Path:
     raise FileNotFoundError(f"dataset {slug!r} is not attached: none of {[str(c) for c in candidates]} exists")
 
 
-def competition_dir(root: Optional[Path] = None) -> Path:
-    """The competition's data folder on Kaggle: the first of the known mount layouts that holds stage_2_test/."""
+def competition_dir(competition: str, marker: str, root: Optional[Path] = None) -> Path:
+    """A competition's data folder on Kaggle: the first of the known mount layouts under the input root that holds
+    `marker` (a file or folder every download of that competition has, e.g. `stage_2_test`)."""
     root = root or kaggle_input_root()
-    candidates = [root / "competitions" / COMPETITION / COMPETITION, root / "competitions" / COMPETITION,
-                  root / COMPETITION / COMPETITION, root / COMPETITION]
+    candidates = [root / "competitions" / competition / competition, root / "competitions" / competition,
+                  root / competition / competition, root / competition]
     for path in candidates:
-        if (path / "stage_2_test").is_dir():
+        if (path / marker).exists():
             return path
-    raise FileNotFoundError(f"competition data not found; looked for stage_2_test/ in {[str(c) for c in candidates]}")
+    raise FileNotFoundError(f"competition data not found; looked for {marker} in {[str(c) for c in candidates]}")
 
 
-def resolve_data_dir(data_dir: Optional[PathLike]) -> Path:
+def resolve_data_dir(data_dir: Optional[PathLike], competition: str, marker: str) -> Path:
     """The competition data folder: the given one, else the attached competition on Kaggle."""
     if data_dir:
         return Path(data_dir).expanduser().resolve()
     if on_kaggle():
-        return competition_dir()
-    raise ValueError("data_dir is empty: pass the folder holding stage_2_train/, stage_2_test/ and the CSVs")
-
-
-@dataclass(frozen=True)
-class CompetitionData:
-    """The Kaggle layout: stage_2_train/ID_*.dcm, stage_2_test/ID_*.dcm, stage_2_train.csv, sample submission."""
-
-    root: Path
-
-    @classmethod
-    def at(cls, data_dir: Optional[PathLike]) -> "CompetitionData":
-        return cls(resolve_data_dir(data_dir))
-
-    @property
-    def train_dir(self) -> Path:
-        return self.root / "stage_2_train"
-
-    @property
-    def test_dir(self) -> Path:
-        return self.root / "stage_2_test"
-
-    @property
-    def train_labels(self) -> Path:
-        return self.root / "stage_2_train.csv"
-
-    @property
-    def sample_submission(self) -> Path:
-        return self.root / "stage_2_sample_submission.csv"
-
-    def image_dir(self, split: str) -> Path:
-        """`split` is 'train' or 'test'."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        return self.train_dir if split == "train" else self.test_dir
-
-    def check(self, need_train: bool = True) -> "CompetitionData":
-        """Raise FileNotFoundError naming every missing piece of the layout."""
-        need = [self.test_dir, self.sample_submission] + ([self.train_dir, self.train_labels] if need_train else [])
-        missing = [str(p) for p in need if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f"{self.root} is not in the Kaggle layout; missing: {missing}")
-        return self
+        return competition_dir(competition, marker)
+    raise ValueError(f"data_dir is empty: pass the folder holding the {competition} download")
 
 
 @functools.lru_cache(maxsize=1)

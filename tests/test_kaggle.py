@@ -24,7 +24,7 @@ import pytest
 
 from lib.kaggle import package as kg
 from lib.kaggle import meta as km
-from lib.paths import COMPETITION
+from lib.tasks.ich.data import COMPETITION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,8 +115,8 @@ def test_user_and_slugs(monkeypatch):
 
 
 def test_kernel_metadata_fields():
-    meta = km.kernel_metadata("rsna-ich-infer", "rsna-ich-infer.ipynb", ["rsna-ich-code", "other/w"], user="u",
-                              gpu=False, private=False)
+    meta = km.kernel_metadata("rsna-ich-infer", "rsna-ich-infer.ipynb", ["rsna-ich-code", "other/w"], COMPETITION,
+                              user="u", gpu=False, private=False)
     assert meta["id"] == "u/rsna-ich-infer" and meta["code_file"] == "rsna-ich-infer.ipynb"
     assert (meta["language"], meta["kernel_type"]) == ("python", "notebook")
     assert meta["enable_internet"] is False and meta["enable_gpu"] is False and meta["is_private"] is False
@@ -128,7 +128,7 @@ def _kernel_folder(tmp_path: Path, **changes: Any) -> Path:
     folder = tmp_path / "kern"
     folder.mkdir(exist_ok=True)
     toy_notebook(folder / "rsna-ich-infer.ipynb")
-    meta = km.kernel_metadata("rsna-ich-infer", "rsna-ich-infer.ipynb", ["rsna-ich-code"], user="u")
+    meta = km.kernel_metadata("rsna-ich-infer", "rsna-ich-infer.ipynb", ["rsna-ich-code"], COMPETITION, user="u")
     meta.update(changes)
     meta = {k: v for k, v in meta.items() if v is not None}
     (folder / "kernel-metadata.json").write_text(json.dumps(meta))
@@ -144,7 +144,7 @@ def _kernel_folder(tmp_path: Path, **changes: Any) -> Path:
     ({"language": "r"}, "language must be 'python'"),
     ({"kernel_type": "script"}, "kernel_type must be 'notebook'"),
     ({"code_file": "missing.ipynb"}, "code_file 'missing.ipynb' is not a file"),
-    ({"competition_sources": []}, "competition_sources must include"),
+    ({"competition_sources": []}, "competition_sources must name"),
     ({"dataset_sources": ["nouser"]}, "dataset_sources entry"),
 ])
 def test_kernel_validation_rejects(tmp_path, changes, match):

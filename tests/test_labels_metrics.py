@@ -121,17 +121,18 @@ def test_prior_predictions():
 
 def test_kaggle_paths_find_nested_competition_and_datasets(tmp_path, monkeypatch):
     from lib import paths
+    from lib.tasks.ich.data import COMPETITION, MARKER
 
     monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(tmp_path))
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     with pytest.raises(FileNotFoundError, match="stage_2_test"):
-        paths.resolve_data_dir("")
-    nested = tmp_path / paths.COMPETITION / paths.COMPETITION
+        paths.resolve_data_dir("", COMPETITION, MARKER)
+    nested = tmp_path / COMPETITION / COMPETITION
     (nested / "stage_2_test").mkdir(parents=True)
-    assert paths.resolve_data_dir("") == nested
-    newer = tmp_path / "competitions" / paths.COMPETITION
+    assert paths.resolve_data_dir("", COMPETITION, MARKER) == nested
+    newer = tmp_path / "competitions" / COMPETITION
     (newer / "stage_2_test").mkdir(parents=True)
-    assert paths.resolve_data_dir("") == newer
+    assert paths.resolve_data_dir("", COMPETITION, MARKER) == newer
     (tmp_path / "datasets" / "me" / "w").mkdir(parents=True)
     (tmp_path / "w2").mkdir()
     assert paths.attached_dataset("me/w") == tmp_path / "datasets" / "me" / "w"

@@ -58,7 +58,7 @@ def _cache_ids(args: argparse.Namespace, tmp: Path) -> tuple:
             raise FileNotFoundError(f"--cache {args.cache} holds no <image_id>.png files")
         return Path(args.cache), ids, str(args.cache)
     if args.data:
-        from lib.paths import CompetitionData
+        from lib.tasks.ich.data import CompetitionData
         from lib.imaging.windowing import build_cache
 
         files = sorted(CompetitionData.at(args.data).train_dir.glob("*.dcm"))[:256]

@@ -43,7 +43,7 @@ import numpy as np
 import pydicom
 
 from lib.io.dicom import DicomError, read_hu
-from lib.paths import CompetitionData
+from lib.tasks.ich.data import CompetitionData
 
 NAIVE_WINDOWS = ((40, 80), (80, 200), (40, 380))  # (center, width) HU, as in the anchors' scripts
 

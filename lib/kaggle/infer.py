@@ -25,7 +25,8 @@ from lib.kaggle.bundle import Bundle, BundleError
 from lib.data.datasets import neighbours
 from lib.tasks.ich.labels import SUBTYPES, split_ids
 from lib.tasks.ich.postprocess import any_ge_max
-from lib.paths import CompetitionData, PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
+from lib.paths import PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
+from lib.tasks.ich.data import CompetitionData
 from lib.sequence.features import SeriesDataset, load_models, open_embedding_set, predict_probs
 
 #: Packages the inference path imports (checked against requirements.txt by `requirements_report`).

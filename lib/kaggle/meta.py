@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from lib.paths import COMPETITION, PathLike
+from lib.paths import PathLike
 
 USER_PLACEHOLDER = "your-kaggle-username"
 LICENSE = "other"  # Kaggle license name; CC0-1.0, CC-BY-4.0, Apache 2.0, MIT, ... (--license)
@@ -46,15 +46,16 @@ def dataset_metadata(slug: str, title: Optional[str] = None, user: Optional[str]
             "description": description, "keywords": []}
 
 
-def kernel_metadata(slug: str, code_file: str, datasets: Sequence[str], title: Optional[str] = None,
+def kernel_metadata(slug: str, code_file: str, datasets: Sequence[str], competition: str, title: Optional[str] = None,
                     user: Optional[str] = None, gpu: bool = True, private: bool = True) -> Dict[str, Any]:
-    """kernel-metadata.json content; `datasets` are slugs of the same user; internet is always off."""
+    """kernel-metadata.json content for a kernel of `competition` (its Kaggle slug, from the task spec);
+    `datasets` are slugs of the same user; internet is always off."""
     owner = kaggle_user(user)
     return {"id": f"{owner}/{slug}", "title": title or title_of(slug), "code_file": code_file,
             "language": "python", "kernel_type": "notebook", "is_private": bool(private), "enable_gpu": bool(gpu),
             "enable_tpu": False, "enable_internet": False, "keywords": [],
             "dataset_sources": [d if "/" in d else f"{owner}/{d}" for d in datasets],
-            "competition_sources": [COMPETITION], "kernel_sources": [], "model_sources": []}
+            "competition_sources": [competition], "kernel_sources": [], "model_sources": []}
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -100,8 +101,8 @@ def validate_kernel_folder(folder: PathLike) -> List[str]:
             raise KaggleMetadataError(f"{path}: {key} must be a JSON boolean, got {meta[key]!r}")
     if meta.get("enable_internet") is not False:
         raise KaggleMetadataError(f"{path}: enable_internet must be set explicitly to false (kaggle defaults to on)")
-    if COMPETITION not in (meta.get("competition_sources") or []):
-        raise KaggleMetadataError(f"{path}: competition_sources must include {COMPETITION!r}")
+    if not meta.get("competition_sources"):
+        raise KaggleMetadataError(f"{path}: competition_sources must name the competition the kernel submits to")
     for ref in meta.get("dataset_sources") or []:
         _owner_slug(ref, "every dataset_sources entry", path)
     json.loads(code.read_text())  # a notebook kaggle can parse

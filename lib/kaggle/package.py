@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from lib.tasks import get_task
 from lib.kaggle.meta import (LICENSE, dataset_metadata, kaggle_user, kernel_metadata, slugify, validate_dataset_folder,
                           validate_kernel_folder)
 from lib.paths import PathLike, atomic_write_text
@@ -218,7 +219,8 @@ def build_kernel(run: PathLike, slug: str, title: Optional[str] = None, user: Op
     code_file = f"{slug}.ipynb"
     pm.execute_notebook(str(notebook), str(folder / code_file), parameters=params, prepare_only=True,
                         kernel_name="python3", progress_bar=False)
-    meta = kernel_metadata(slug, code_file, [r for r in refs if r], title=title, user=user, gpu=gpu, private=private)
+    meta = kernel_metadata(slug, code_file, [r for r in refs if r], get_task("ich").competition, title=title,
+                           user=user, gpu=gpu, private=private)
     atomic_write_text(folder / "kernel-metadata.json", json.dumps(meta, indent=2))
     for w in validate_kernel_folder(folder):
         print(f"warning: {w}", file=sys.stderr)

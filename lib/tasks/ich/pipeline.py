@@ -13,7 +13,8 @@ from scipy.special import expit
 from lib.io import dicom
 from lib.ensemble import mean_frames
 from lib.tasks.ich.labels import SUBTYPES
-from lib.paths import CompetitionData, RunPaths, atomic_write_text
+from lib.paths import RunPaths, atomic_write_text
+from lib.tasks.ich.data import CompetitionData
 
 
 def _count_dcm(folder: Path) -> int:

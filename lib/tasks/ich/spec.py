@@ -1,10 +1,11 @@
 """The ICH task, declared once: RSNA Intracranial Hemorrhage Detection 2019 (stage 2 data)."""
 from lib.tasks import TaskSpec
+from lib.tasks.ich.data import COMPETITION
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
 
 SPEC = TaskSpec(
     name="ich",
-    competition="rsna-intracranial-hemorrhage-detection",
+    competition=COMPETITION,
     labels=SUBTYPES,
     weights=tuple(float(w) for w in WEIGHTS),
     metric="weighted_log_loss",
