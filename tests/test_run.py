@@ -36,7 +36,7 @@ def toy_pipeline(tmp_path, monkeypatch):
     _nb(nbs / "b.ipynb", 'data_dir: str = ""\nrun_dir: str = ""\nseed: int = 0\nfold: int = 0\nfail: bool = False',
         "from pathlib import Path\nassert not fail, 'asked to fail'\nPath(run_dir, f'b_{fold}.txt').write_text('ok')")
     toy = dataclasses.replace(get_task("ich"), name="toy", stages={"a": "a.ipynb", "b": "b.ipynb"}, notebook_root=nbs)
-    monkeypatch.setattr(params_mod, "get_task", lambda name="toy": toy)
+    monkeypatch.setattr(params_mod, "get_task", lambda name="ich": toy if name in ("ich", "toy") else get_task(name))
     data = tmp_path / "data"
     data.mkdir()
     return tmp_path, data
@@ -117,3 +117,79 @@ def test_stage_subset_adds_to_the_manifest(toy_pipeline):
     man = json.loads((out / "manifest.json").read_text())
     assert [s["notebook"] for s in man["stages"]] == ["notebooks/a.ipynb", "notebooks/b_fold0.ipynb"]
     assert all(s["status"] == "ok" for s in man["stages"])
+
+
+# ---------------------------------------------------------------- params are data, typed before anything runs
+def _raw(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "raw.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, match", [
+    ("task: brain\nstages: {a: {}}\n", r"unknown task 'brain'; valid tasks: \['ich'"),
+    ("stages: {a: {size: 'x'}}\n", r"stage 'a'.*size='x' \(str\) is not an integer; declared `size: int`"),
+    ("stages: {b: {fail: 'yes'}}\n", r"fail='yes' \(str\) is not a boolean"),
+    ("stages: {b: {fail: 1}}\n", r"fail=1 \(int\) is not a boolean"),
+    ("stages: {a: {size: 2.5}}\n", r"size=2.5 \(float\) is not an integer"),
+    ("stages: {a: {seed: [1, 2]}}\n", r"seed=\[1, 2\] \(list\) is not an integer"),
+    ("stages: {b: {fold: []}}\n", r"fold=\[\] names no fold"),
+    ("stages: {a: {size: !!binary aGVsbG8=}}\n", r"raw.yaml:1:\d+: YAML error.*tag 'tag:yaml.org,2002:binary' is not "
+                                                  r"allowed"),
+    ("stages: {a: {size: !!python/name:os.system }}\n", r"YAML error.*is not allowed"),
+    ("stages: {a: {size: 2020-01-01}}\n", r"size='2020-01-01' \(str\) is not an integer"),
+    ("stages:\n  a: {size: 3\n  b: {}\n", r"raw.yaml:\d+:\d+: YAML error"),
+])
+def test_bad_values_are_refused_naming_stage_key_value_and_type(toy_pipeline, text, match):
+    tmp, data = toy_pipeline
+    with pytest.raises(runner.ParamsError, match=match):
+        runner.plan(_raw(tmp, text), data, tmp / "out")
+
+
+def test_values_are_coerced_losslessly_and_ranges_checked(toy_pipeline, tmp_path, monkeypatch):
+    from lib.run.params import Declared, check_value
+
+    lr = Declared("lr", "float", 1e-3)
+    assert check_value("f", "lr", "2e-4", lr) == pytest.approx(2e-4)  # PyYAML reads 2e-4 as a string
+    assert check_value("f", "lr", 3, lr) == 3.0 and isinstance(check_value("f", "lr", 3, lr), float)
+    for bad, match in (("fast", "is not a number"), (0, r"must be > 0"), (-1e-3, r"must be > 0"),
+                       ("inf", "not a finite number")):
+        with pytest.raises(runner.ParamsError, match=match):
+            check_value("params.yaml: stage 'train_cnn'", "lr", bad, lr)
+    epochs = Declared("epochs", "int", 4)
+    for bad in (0, -1):
+        with pytest.raises(runner.ParamsError, match=r"stage 'train_cnn': epochs=-?\d is out of range: must be >= 1"):
+            check_value("params.yaml: stage 'train_cnn'", "epochs", bad, epochs)
+    with pytest.raises(runner.ParamsError, match=r"epochs='four' \(str\) is not an integer"):
+        check_value("x", "epochs", "four", epochs)
+    with pytest.raises(runner.ParamsError, match=r"bs=-4 is out of range"):
+        check_value("x", "bs", -4, Declared("bs", "int", 32))
+    with pytest.raises(runner.ParamsError, match=r"crop='no' \(str\) is not a boolean"):
+        check_value("x", "crop", "no", Declared("crop", "bool", True))
+    assert check_value("x", "neg_frac", 1, Declared("neg_frac", "float", 1.0)) == 1.0
+
+
+def test_a_refused_value_runs_nothing(toy_pipeline):
+    tmp, data = toy_pipeline
+    out = tmp / "out"
+    p = _raw(tmp, "stages: {a: {}, b: {fold: [0, 'one']}}\n")
+    assert runner.main([str(p), "--data", str(data), "--out", str(out)]) == 2
+    assert not out.exists()  # refused before the first stage
+
+
+def test_unknown_stage_for_the_task_lists_its_stages(tmp_path):
+    p = _raw(tmp_path, "task: ich\nstages: {segment: {}}\n")
+    with pytest.raises(runner.ParamsError, match=r"task 'ich' has no stages \['segment'\]; valid stages: \['eda'"):
+        runner.plan(p, tmp_path, tmp_path / "out")
+
+
+def test_resume_after_a_finished_run_does_nothing_however_often(toy_pipeline, capsys):
+    tmp, data = toy_pipeline
+    out = tmp / "out"
+    p = _params(tmp, {"stages": {"a": {}, "b": {"fold": [0]}}})
+    assert runner.main([str(p), "--data", str(data), "--out", str(out)]) == 0
+    for _ in range(2):  # the second --resume used to redo everything: "skipped (done)" did not count as done
+        (out / "a_8_0.txt").unlink(missing_ok=True)
+        assert runner.main([str(p), "--data", str(data), "--out", str(out), "--resume"]) == 0
+        assert not (out / "a_8_0.txt").exists()
+    assert capsys.readouterr().out.count("already done") == 4
