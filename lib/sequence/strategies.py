@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ from sklearn.model_selection import GroupKFold
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from lib import config
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, wide_to_long
 from lib.evaluate.metrics import metric_report
 from lib.paths import PathLike, RunPaths, atomic_write, atomic_write_text
@@ -50,44 +51,59 @@ STRATEGIES: Registry = Registry("sequence fold strategy")
 INPUTS = {"embedding": lambda es: es.emb, "logits": lambda es: es.logits}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SeqConfig:
-    """Sequence-stage parameters (YAML overrides through `from_dict`; unknown keys are an error)."""
+    """Sequence-stage parameters (`from_dict`: unknown keys or missing settings are an error).
 
-    head: str = "lstm"                      # registry name in lib.seq_heads.HEADS
-    head_kwargs: Dict[str, Any] = field(default_factory=dict)
-    epochs: int = 8
-    lr: float = 1e-3                        # one-cycle max lr
-    bs: int = 16                            # series per batch
-    wd: float = 1e-2
-    crop: Optional[Tuple[int, int]] = (24, 48)  # random contiguous training window (min, max) slices, or None
-    reverse_p: float = 0.5                  # training reversal probability
-    aux_weight: float = 0.5                 # weight of the auxiliary per-slice loss (heads that return aux)
-    inner_folds: int = 4                    # per_fold strategy: inner split of fold k's patients
-    seed: int = 42
-    num_workers: int = 0
-    device: str = "auto"                    # "auto" | "cpu" | "cuda"
-    mixed_precision: str = "no"             # no | auto (bf16/fp16 on CUDA) | bf16 | fp16. Default no: on an H100 the
-    #                                         lstm (h1024, 4 series a batch) ran 178 series/s under bf16 autocast vs 226
-    #                                         in float32 (python -m lib.bench sequence --precision)
-    snapshot_epochs: int = 0                # >0: average predictions of the last n epochs (no selection)
-    select: str = "best"                    # "best" (lowest valid metric) | "last"
-    tta_flip: bool = True                   # average forward and reversed series at prediction
-    spacing_scale: float = 10.0             # mm -> input units
-    series_key: str = "series_uid"
-    emb_suffix: str = ""                    # e.g. "_ep3" for per-epoch embedding files
-    inputs: str = "embedding"               # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
+    Experiment settings have no defaults: notebooks/ich/04_sequence.ipynb's parameters cell is their one source
+    (`from_params` maps its unset literals and its crop_min / crop_max pair, lib.config); run-time knobs keep
+    neutral defaults.
+    """
+
+    UNSET: ClassVar[Dict[str, Any]] = {"crop_min": 0}
+    #: notebook parameters a field is built from, where they differ from the field's own name
+    PARAMS: ClassVar[Dict[str, Tuple[str, ...]]] = {"crop": ("crop_min", "crop_max")}
+
+    head: str                               # registry name in lib.seq_heads.HEADS
+    head_kwargs: Dict[str, Any]
+    epochs: int
+    lr: float                               # one-cycle max lr
+    bs: int                                 # series per batch
+    wd: float
+    crop: Optional[Tuple[int, int]]         # random contiguous training window (min, max) slices, or None
+    reverse_p: float                        # training reversal probability
+    aux_weight: float                       # weight of the auxiliary per-slice loss (heads that return aux)
+    inner_folds: int                        # per_fold strategy: inner split of fold k's patients
+    seed: int
+    mixed_precision: str                    # no | auto (bf16/fp16 on CUDA) | bf16 | fp16. The stage uses no: on an
+    #                                         H100 the lstm (h1024, 4 series a batch) ran 178 series/s under bf16
+    #                                         autocast vs 226 in float32 (python -m lib.bench sequence --precision)
+    snapshot_epochs: int                    # >0: average predictions of the last n epochs (no selection)
+    select: str                             # "best" (lowest valid metric) | "last"
+    tta_flip: bool                          # average forward and reversed series at prediction
+    spacing_scale: float                    # mm -> input units
+    series_key: str
+    emb_suffix: str                         # e.g. "_ep3" for per-epoch embedding files ("" = best.pth's)
+    inputs: str                             # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
     #                                         vector (aligned across fold models: the same meaning in every fold)
-    progress: bool = True
-    resume: bool = True                     # reuse a finished head whose inputs and settings match (interrupted runs)
+    num_workers: int = config.runtime(0)
+    device: str = config.runtime("auto")    # "auto" | "cpu" | "cuda"
+    progress: bool = config.runtime(True)
+    resume: bool = config.runtime(True)     # reuse a finished head whose inputs and settings match (interrupted runs)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "SeqConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise KeyError(f"unknown SeqConfig keys {unknown}; valid keys: {sorted(valid)}")
+        """Build from a dict of fields; unknown keys or missing experiment settings are a KeyError naming them."""
+        config.check_keys(cls, values)
         return cls(**values)
+
+    @classmethod
+    def from_params(cls, **params: Any) -> "SeqConfig":
+        """Build from notebook parameters: crop_min 0 means no crop, else crop = (crop_min, crop_max)."""
+        values = config.none_if_unset(params, cls.UNSET)
+        low, high = values.pop("crop_min"), values.pop("crop_max")
+        return cls.from_dict({**values, "head_kwargs": dict(values["head_kwargs"]),
+                              "crop": None if low is None else (low, high)})
 
     def __post_init__(self) -> None:
         if self.crop is not None:
