@@ -6,6 +6,7 @@ every single input); "weighted_per_class" does the same per label column (the me
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict, Mapping, Tuple, Union
 
 import numpy as np
@@ -14,7 +15,7 @@ from scipy.optimize import minimize
 
 from lib.tasks.ich.labels import SUBTYPES, long_to_wide
 from lib.evaluate.metrics import EPS, weighted_log_loss
-from lib.paths import PathLike
+from lib.paths import PathLike, atomic_write
 from lib.registry import Registry
 
 Weights = Dict[str, Union[float, np.ndarray]]
@@ -34,6 +35,17 @@ def read_predictions(path: PathLike) -> pd.DataFrame:
     if missing:
         raise BlendError(f"{path}: expected columns ID,Label or image_id + {list(SUBTYPES)}; missing {missing}")
     return df.set_index("image_id")[list(SUBTYPES)].astype(np.float64)
+
+
+def write_predictions(df: pd.DataFrame, path: PathLike) -> Path:
+    """Write a wide table (index image_id, SUBTYPES columns) as the CSV `read_predictions` reads, atomically."""
+    missing = [s for s in SUBTYPES if s not in df.columns]
+    if missing:
+        raise BlendError(f"predictions for {path} lack columns {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: df.rename_axis("image_id").to_csv(tmp))
+    return path
 
 
 def align(preds: Mapping[str, pd.DataFrame]) -> Tuple[pd.Index, np.ndarray]:

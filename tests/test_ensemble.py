@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lib.ensemble import write_predictions
 from lib.ensemble import (BLENDS, BlendError, any_ge_max, blend, fit_blend, maybe_postprocess, per_input_losses,
                           read_predictions)
 from lib.tasks.ich.labels import SUBTYPES, wide_to_long
@@ -96,3 +97,13 @@ def test_read_predictions_long_and_wide(tmp_path: Path):
     for name in ("long.csv", "wide.csv"):
         back = read_predictions(tmp_path / name).reindex(p.index)
         np.testing.assert_allclose(back.to_numpy(), p.to_numpy())
+
+
+def test_write_predictions_round_trips_and_is_atomic(tmp_path: Path):
+    ids = pd.Index(["ID_b", "ID_a"], name="image_id")
+    df = pd.DataFrame(np.linspace(0.01, 0.99, 12).reshape(2, 6), index=ids, columns=list(SUBTYPES))
+    path = write_predictions(df, tmp_path / "predictions" / "oof_cnn.csv")
+    pd.testing.assert_frame_equal(read_predictions(path), df)
+    assert path.read_text() == df.to_csv() and [p.name for p in path.parent.iterdir()] == ["oof_cnn.csv"]
+    with pytest.raises(BlendError, match="lack columns"):
+        write_predictions(df.drop(columns="any"), path)

@@ -293,6 +293,22 @@ def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: 
     assert seq_loss < 0.5 * cnn_loss, (seq_loss, cnn_loss)
 
 
+def test_strategy_registry_round_trip():
+    from lib.sequence.strategies import STRATEGIES, TestRule
+
+    assert STRATEGIES.names() == ["per_fold", "pooled"]
+    pooled, per_fold = STRATEGIES.get("pooled").test, STRATEGIES.get("per_fold").test
+    assert (pooled.name, pooled.cnn_folds(1, [0, 1, 2])) == ("pairs", [0, 1, 2])
+    assert (per_fold.name, per_fold.cnn_folds(1, [0, 1, 2])) == ("per_cnn_fold", [1])
+    frame = lambda v: pd.DataFrame({"any": [v]}, index=["ID_a"])  # noqa: E731
+    preds = [(0, frame(0.1)), (0, frame(0.3)), (1, frame(0.8))]
+    assert pooled.average(preds).loc["ID_a", "any"] == pytest.approx(0.4)  # mean over the 3 pairs
+    assert per_fold.average(preds).loc["ID_a", "any"] == pytest.approx(0.5)  # mean of fold 0's 0.2 and fold 1's 0.8
+    with pytest.raises(KeyError, match="per_fold, pooled"):
+        STRATEGIES.get("stacked")
+    assert isinstance(pooled, TestRule)
+
+
 def test_rerun_reuses_finished_heads_and_retrains_what_changed(tmp_path: Path):
     index, folds, labels, _ = fake_run(tmp_path)
     cfg = seq_cfg(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), progress=False)
