@@ -260,7 +260,7 @@ def test_build_kernel_bakes_parameters_and_kaggle_accepts_it(tmp_path, kaggle_ap
         kg.build_kernel(run, "rsna-ich-demo-infer", out=tmp_path / "k2", extra={"nope": 1},
                         notebook=toy_notebook(tmp_path / "toy.ipynb"))
     (run / "models" / "cnn" / "fold0" / "best.pth").unlink()
-    with pytest.raises(BundleError, match="CNN fold 0 has no checkpoint"):
+    with pytest.raises(BundleError, match="CNN fold 0: checkpoint .*best.pth named by .* is missing"):
         kg.build_kernel(run, "rsna-ich-demo-infer", out=tmp_path / "k3", notebook=toy_notebook(tmp_path / "t.ipynb"))
 
 
@@ -298,7 +298,7 @@ def fake_run(root: Path, blend: Any = "seq", ks=(0, 1)) -> Path:
         cfg = {"arch": "resnet18", "mode": "single", "img_size": 64}
         torch.save({"model": {"w": torch.full((64, 64), float(k))}, "cfg": cfg, "valid_logloss": 0.5 + k},
                    rp.model_dir(k) / "best.pth")
-        rp.embedding_record("oof", k).write_text(json.dumps(  # what lib.train.embed records (the manifest's tta differs)
+        rp.embedding_record("oof", k).write_text(json.dumps(  # lib.train.embed's record (the manifest's tta differs)
             {"tta": ["orig", "hflip"], "checkpoint": f"../models/cnn/fold{k}/best.pth", "img_size": 64}))
         torch.save({"head": "lstm", "head_kwargs": {}, "in_dim": 9, "states": []},
                    rp.model_dir(k, "seq_pooled") / f"outer{k}.pth")

@@ -1,8 +1,9 @@
 """A run's inference weights as one bundle: what test-time inference needs, found in a finished run, packaged as a
 Kaggle dataset (`python -m lib.kaggle package-weights`) and read back by `lib.infer`.
 
-`collect_weights(run_dir)` returns the manifest (preprocessing from the cache's meta.json, the fold CNNs' arch / mode /
-size / TTA / checkpoint from the embed stage's own records (lib.train.embed), the sequence strategies the blend uses and how their test predictions are averaged, the blend weights,
+`collect_weights(run_dir)` returns the manifest (preprocessing from the cache's meta.json, the fold CNNs' arch / mode,
+their size / TTA / checkpoint from the embed stage's own records (lib.train.embed), the sequence strategies the blend
+uses and how their test predictions are averaged (lib.sequence.strategies.STRATEGIES), the blend weights,
 OOF metrics, stage parameters, git commit) and the checkpoint files under flat names (`cnn_fold0.pth`,
 `seq_pooled_fold0_outer0.pth`, ...). `load_bundle` reads a packaged folder, an attached dataset, or the run itself.
 The blend comes from the ensemble stage's metrics.json keys (ensemble_weights: {input: float or 6 floats},
