@@ -8,6 +8,7 @@ metric is separable by column).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -35,11 +36,13 @@ def read_predictions(path: PathLike, labels: Sequence[str]) -> pd.DataFrame:
     return df.set_index("image_id")[list(labels)].astype(np.float64)
 
 
-def write_predictions(df: pd.DataFrame, path: PathLike) -> None:
-    """Write a wide predictions table (index image_id) atomically, readable by `read_predictions`."""
-    out = df.copy()
-    out.index = out.index.rename("image_id")
-    atomic_write(path, lambda tmp: out.to_csv(tmp))
+def write_predictions(df: pd.DataFrame, path: PathLike) -> Path:
+    """Write a wide predictions table (index image_id, one column per label) atomically, as the CSV
+    `read_predictions` reads (byte for byte what `df.to_csv` writes, with the index named image_id)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: df.rename_axis("image_id").to_csv(tmp))
+    return path
 
 
 def align(preds: Mapping[str, pd.DataFrame], labels: Optional[Sequence[str]] = None) -> Tuple[pd.Index, np.ndarray]:

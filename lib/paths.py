@@ -94,6 +94,16 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+#: the files of one embedding export, by role, as suffixes of its prefix (lib.train.embed writes them)
+EMBEDDING_FILES = {"embeddings": ".npy", "logits": "_logits.npy", "index": ".parquet", "record": ".json"}
+
+
+def embedding_files(prefix: PathLike) -> Dict[str, Path]:
+    """{role: path} of the export at `prefix` (e.g. RUN/embeddings/oof_fold0): embeddings, logits, index, record."""
+    prefix = Path(prefix)
+    return {role: prefix.with_name(prefix.name + suffix) for role, suffix in EMBEDDING_FILES.items()}
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """A run directory's layout. Everything a stage writes goes under `root`."""
@@ -137,9 +147,31 @@ class RunPaths:
     def embeddings_dir(self) -> Path:
         return self._dir("embeddings")
 
+    def embedding(self, split: str, fold: int, suffix: str = "") -> Path:
+        """Prefix of fold model `fold`'s export of `split` ('oof' / 'test'; fold -1 -> `all`), e.g. oof_fold0_ep3."""
+        if split not in ("oof", "test"):
+            raise ValueError(f"embedding split must be 'oof' or 'test', got {split!r}")
+        return self.embeddings_dir / f"{split}_{'all' if int(fold) < 0 else f'fold{int(fold)}'}{suffix}"
+
+    def embedding_logits(self, split: str, fold: int, suffix: str = "") -> Path:
+        """The export's logits file, float16 (N, 6): `<prefix>_logits.npy`."""
+        return embedding_files(self.embedding(split, fold, suffix))["logits"]
+
+    def embedding_record(self, split: str, fold: int, suffix: str = "") -> Path:
+        """The export's own record (TTA views, checkpoint, image size): `<prefix>.json`."""
+        return embedding_files(self.embedding(split, fold, suffix))["record"]
+
     @property
     def predictions_dir(self) -> Path:
         return self._dir("predictions")
+
+    def oof_predictions(self, name: str) -> Path:
+        """Wide OOF predictions of `name` (cnn, seq, seq_pooled, ensemble, ...): predictions/oof_{name}.csv."""
+        return self.predictions_dir / f"oof_{name}.csv"
+
+    def test_predictions(self, name: str) -> Path:
+        """Kaggle-long test predictions of `name`: predictions/test_{name}.csv."""
+        return self.predictions_dir / f"test_{name}.csv"
 
     @property
     def figures_dir(self) -> Path:

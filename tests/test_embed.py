@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lib.train.embed import TTA_VIEWS, embed_views, export_embeddings, export_fold, load_embeddings, load_model, oof_table
+from lib.train.embed import read_record
 from lib.models.factory import create_model
 from lib.paths import RunPaths
 
@@ -81,6 +82,17 @@ def export_inputs(cache: Path, ids) -> torch.Tensor:
     from lib.data.datasets import ImageDataset
     ds = ImageDataset(cache, ids)
     return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+
+def test_export_records_its_tta_checkpoint_and_size(fold_run, tmp_path):
+    rp, cache, folds, test_ids, _ = fold_run
+    export_fold(rp.root, cache, folds, 1, ARCH, test_ids=[], tta=("orig", "vflip"), bs=4, device="cpu", img_size=32)
+    rec = read_record(rp.embedding("oof", 1))
+    assert (rec["tta"], rec["img_size"], rec["arch"], rec["mode"]) == (["orig", "vflip"], 32, ARCH, "single")
+    assert Path(rec["checkpoint"]) == rp.model_dir(1) / "best.pth"
+    assert not Path(rp.embedding_record("oof", 1).read_text().split('"checkpoint": "')[1]).is_absolute()
+    with pytest.raises(FileNotFoundError, match="has no record"):
+        read_record(rp.embedding("oof", 2))
 
 
 def test_oof_table_rejects_in_sample_rows(fold_run):

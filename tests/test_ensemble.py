@@ -98,3 +98,11 @@ def test_read_and_write_predictions_wide(tmp_path: Path):
     wide_to_long(p).to_csv(tmp_path / "long.csv", index=False)  # the Kaggle long format is the task's to read
     with pytest.raises(BlendError, match="image_id"):
         read_predictions(tmp_path / "long.csv", list(p.columns))
+
+
+def test_write_predictions_round_trips_and_is_atomic(tmp_path: Path):
+    ids = pd.Index(["ID_b", "ID_a"], name="image_id")
+    df = pd.DataFrame(np.linspace(0.01, 0.99, 12).reshape(2, 6), index=ids, columns=list(SUBTYPES))
+    path = write_predictions(df, tmp_path / "predictions" / "oof_cnn.csv")
+    pd.testing.assert_frame_equal(read_predictions(path, list(SUBTYPES)), df)
+    assert path.read_text() == df.to_csv() and [p.name for p in path.parent.iterdir()] == ["oof_cnn.csv"]

@@ -260,7 +260,7 @@ def test_build_kernel_bakes_parameters_and_kaggle_accepts_it(tmp_path, kaggle_ap
         kg.build_kernel(run, "rsna-ich-demo-infer", out=tmp_path / "k2", extra={"nope": 1},
                         notebook=toy_notebook(tmp_path / "toy.ipynb"))
     (run / "models" / "cnn" / "fold0" / "best.pth").unlink()
-    with pytest.raises(BundleError, match="CNN fold 0 has no checkpoint"):
+    with pytest.raises(BundleError, match="CNN fold 0: checkpoint .*best.pth named by .* is missing"):
         kg.build_kernel(run, "rsna-ich-demo-infer", out=tmp_path / "k3", notebook=toy_notebook(tmp_path / "t.ipynb"))
 
 
@@ -298,6 +298,8 @@ def fake_run(root: Path, blend: Any = "seq", ks=(0, 1)) -> Path:
         cfg = {"arch": "resnet18", "mode": "single", "img_size": 64}
         torch.save({"model": {"w": torch.full((64, 64), float(k))}, "cfg": cfg, "valid_logloss": 0.5 + k},
                    rp.model_dir(k) / "best.pth")
+        rp.embedding_record("oof", k).write_text(json.dumps(  # lib.train.embed's record (the manifest's tta differs)
+            {"tta": ["orig", "hflip"], "checkpoint": f"../models/cnn/fold{k}/best.pth", "img_size": 64}))
         torch.save({"head": "lstm", "head_kwargs": {}, "in_dim": 9, "states": []},
                    rp.model_dir(k, "seq_pooled") / f"outer{k}.pth")
     (root / "models" / "seq_pooled" / "train_log.json").write_text(json.dumps(
@@ -321,7 +323,7 @@ def test_collect_weights_manifest(tmp_path):
     assert files["cnn_fold1.pth"] == tmp_path / "run" / "models" / "cnn" / "fold1" / "best.pth"
     cnn = manifest["cnn"]
     assert (cnn["arch"], cnn["mode"], cnn["img_size"], cnn["tta"], cnn["folds"]) == ("resnet18", "single", 64,
-                                                                                    ["orig"], [0, 1])
+                                                                                    ["orig", "hflip"], [0, 1])
     assert cnn["valid_logloss"] == {"0": 0.5, "1": 1.5}
     assert manifest["preprocess"] == {"policy": "brain_subdural_soft", "img_size": 64, "crop": True, "fmt": "png"}
     seq = manifest["sequence"]["pooled"]
@@ -359,7 +361,22 @@ def test_collect_weights_needs_every_fold(tmp_path):
 
     run = fake_run(tmp_path / "run")
     (run / "models" / "cnn" / "fold1" / "best.pth").unlink()
-    with pytest.raises(bundle.BundleError, match="CNN fold 1 has no checkpoint"):
+    with pytest.raises(bundle.BundleError, match="CNN fold 1: checkpoint .*best.pth named by .*oof_fold1.json"):
+        bundle.collect_weights(run)
+
+
+def test_collect_weights_reads_the_embed_record_and_fails_clearly_without_it(tmp_path):
+    from lib.kaggle import bundle
+    from lib.paths import RunPaths
+
+    run = fake_run(tmp_path / "run")
+    rp = RunPaths.at(run)
+    rec = json.loads(rp.embedding_record("oof", 1).read_text())
+    rp.embedding_record("oof", 1).write_text(json.dumps({**rec, "tta": ["orig"]}))
+    with pytest.raises(bundle.BundleError, match="TTA views"):
+        bundle.collect_weights(run)  # the folds' records disagree
+    rp.embedding_record("oof", 1).unlink()
+    with pytest.raises(bundle.BundleError, match="CNN fold 1: embedding export .*oof_fold1 has no record"):
         bundle.collect_weights(run)
 
 

@@ -168,10 +168,28 @@ def test_unknown_names_and_config_keys_are_listed():
         create_head("gru", 10, 6)
     with pytest.raises(KeyError, match="valid keys"):
         SeqConfig.from_dict({"hedd": "lstm"})
-    assert SeqConfig.from_dict({"crop": [8, 16]}).crop == (8, 16)
+    assert SeqConfig.from_dict({**SEQ, "crop": [8, 16]}).crop == (8, 16)
+    with pytest.raises(KeyError, match="needs values for"):
+        SeqConfig.from_dict({"head": "lstm"})
+
+
+def test_seq_from_params_builds_the_crop():
+    params = {k: v for k, v in SEQ.items() if k != "crop"}
+    assert SeqConfig.from_params(**params, crop_min=0, crop_max=32).crop is None
+    assert SeqConfig.from_params(**params, crop_min=6, crop_max=12).crop == (6, 12)
 
 
 # ---------------------------------------------------------------- fold logic on a tiny fake run
+#: every experiment setting (SeqConfig has no defaults for them; notebooks/ich/04_sequence.ipynb holds them)
+SEQ = dict(head="lstm", head_kwargs={}, epochs=8, lr=1e-3, bs=16, wd=1e-2, crop=(24, 48), reverse_p=0.5,
+           aux_weight=0.5, inner_folds=4, seed=42, mixed_precision="no", snapshot_epochs=0, select="best",
+           tta_flip=True, spacing_scale=10.0, series_key="series_uid", emb_suffix="", inputs="embedding")
+
+
+def seq_cfg(**over: object) -> SeqConfig:
+    return SeqConfig(**{**SEQ, **over})
+
+
 def write_set(root: Path, stem: str, ids: np.ndarray, emb: np.ndarray, logits: np.ndarray, seed: int) -> None:
     perm = np.random.default_rng(seed).permutation(len(ids))
     np.save(root / f"{stem}.npy", emb[perm].astype(np.float16))
@@ -205,7 +223,7 @@ def fake_run(run_dir: Path, dim: int = 16, n_folds: int = 3):
 @pytest.mark.parametrize("strategy", ["pooled", "per_fold"])
 def test_train_sequence_is_out_of_fold(tmp_path: Path, strategy: str):
     index, folds, labels, test = fake_run(tmp_path)
-    cfg = SeqConfig(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), inner_folds=2, progress=False)
+    cfg = seq_cfg(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), inner_folds=2, progress=False)
     res = train_sequence(tmp_path, index, folds, labels, cfg, strategy=strategy, test_index_df=test)
     oof, pred_test = res["oof"], res["test"]
     assert sorted(oof.index) == sorted(index["image_id"]) and not oof.index.duplicated().any()
@@ -263,8 +281,8 @@ def neighbour_task(n_series: int, seed: int):
 ])
 def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: str, kwargs: dict, device: str):
     tr, va = neighbour_task(120, seed=1), neighbour_task(40, seed=2)
-    cfg = SeqConfig(head=head, head_kwargs=kwargs, epochs=8, lr=1e-2, bs=16, crop=None, device=device,
-                    mixed_precision="bf16" if device == "cuda" else "no", reverse_p=0.5, progress=False,
+    cfg = seq_cfg(head=head, head_kwargs=kwargs, epochs=8, lr=1e-2, bs=16, crop=None, device=device,
+                  mixed_precision="bf16" if device == "cuda" else "no", reverse_p=0.5, progress=False,
                     select="last")
     train_ds = SeriesDataset(*tr[:4], labels=tr[4], reverse_p=0.5)
     valid_ds = SeriesDataset(*va[:4], labels=va[4])
@@ -276,9 +294,25 @@ def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: 
     assert seq_loss < 0.5 * cnn_loss, (seq_loss, cnn_loss)
 
 
+def test_strategy_registry_round_trip():
+    from lib.sequence.strategies import STRATEGIES, TestRule
+
+    assert STRATEGIES.names() == ["per_fold", "pooled"]
+    pooled, per_fold = STRATEGIES.get("pooled").test, STRATEGIES.get("per_fold").test
+    assert (pooled.name, pooled.cnn_folds(1, [0, 1, 2])) == ("pairs", [0, 1, 2])
+    assert (per_fold.name, per_fold.cnn_folds(1, [0, 1, 2])) == ("per_cnn_fold", [1])
+    frame = lambda v: pd.DataFrame({"any": [v]}, index=["ID_a"])  # noqa: E731
+    preds = [(0, frame(0.1)), (0, frame(0.3)), (1, frame(0.8))]
+    assert pooled.average(preds).loc["ID_a", "any"] == pytest.approx(0.4)  # mean over the 3 pairs
+    assert per_fold.average(preds).loc["ID_a", "any"] == pytest.approx(0.5)  # mean of fold 0's 0.2 and fold 1's 0.8
+    with pytest.raises(KeyError, match="per_fold, pooled"):
+        STRATEGIES.get("stacked")
+    assert isinstance(pooled, TestRule)
+
+
 def test_rerun_reuses_finished_heads_and_retrains_what_changed(tmp_path: Path):
     index, folds, labels, _ = fake_run(tmp_path)
-    cfg = SeqConfig(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), progress=False)
+    cfg = seq_cfg(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), progress=False)
     first = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")
     assert not any("reused" in log for log in first["logs"])
     again = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")  # e.g. after a kill

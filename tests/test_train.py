@@ -20,7 +20,11 @@ from lib.train.fit import TrainConfig, WeightedBCE, launch, split_fold, train_fo
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest)
 
 
-TINY = dict(arch="resnet18", img_size=32, bs=4, num_workers=0, lr=3e-3, seed=0, aug="light", epochs=1)
+# every experiment setting, as TrainConfig has no defaults for them (the notebook's parameters cell holds them)
+TINY = dict(arch="resnet18", img_size=32, pretrained_weights=None, mode="single", aug="light", epochs=1, lr=3e-3,
+            wd=1e-2, bs=4, schedule="one_cycle", opt="adamw", neg_frac=1.0, seed=0, mixed_precision="auto",
+            channels_last=False, drop_rate=0.0, pct_start=0.25, warmup_pct=0.05, max_train_items=None,
+            max_valid_items=None, patience=None, num_workers=0)
 
 
 def make_data(root: Path, n: int = 18, n_folds: int = 3, size: int = 40, seed: int = 0):
@@ -69,6 +73,15 @@ def test_weighted_bce_equals_competition_metric():
 def test_config_rejects_unknown_keys():
     with pytest.raises(KeyError, match="valid keys"):
         TrainConfig.from_dict({"arch": "resnet18", "learning_rate": 1e-3})
+    with pytest.raises(KeyError, match=r"needs values for \['img_size'"):
+        TrainConfig.from_dict({"arch": "resnet18"})
+
+
+def test_from_params_maps_the_notebooks_unset_literals():
+    params = {**TINY, "pretrained_weights": "", "patience": 0, "max_train_items": 0, "max_valid_items": 5}
+    cfg = TrainConfig.from_params(**params)
+    assert (cfg.pretrained_weights, cfg.patience, cfg.max_train_items, cfg.max_valid_items) == (None, None, None, 5)
+    assert TrainConfig.from_params(**{**params, "patience": 2}).patience == 2
 
 
 def test_split_fold(tmp_path):
@@ -148,9 +161,9 @@ def test_all_data_fold_adjacent_then_rerun_is_a_no_op(tmp_path):
 
 def test_config_validates_names():
     with pytest.raises(KeyError, match="valid names"):
-        TrainConfig(schedule="cosine_restarts")
+        TrainConfig(**{**TINY, "schedule": "cosine_restarts"})
     with pytest.raises(ValueError, match="mode"):
-        TrainConfig(mode="stack")
+        TrainConfig(**{**TINY, "mode": "stack"})
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """A run's inference weights as one bundle: what test-time inference needs, found in a finished run, packaged as a
 Kaggle dataset (`python -m lib.kaggle package-weights`) and read back by `lib.infer`.
 
-`collect_weights(run_dir)` returns the manifest (preprocessing from the cache's meta.json, the fold CNNs' arch / mode /
-size / TTA, the sequence strategies the blend uses and how their test predictions are averaged, the blend weights,
+`collect_weights(run_dir)` returns the manifest (preprocessing from the cache's meta.json, the fold CNNs' arch / mode,
+their size / TTA / checkpoint from the embed stage's own records (lib.train.embed), the sequence strategies the blend
+uses and how their test predictions are averaged (lib.sequence.strategies.STRATEGIES), the blend weights,
 OOF metrics, stage parameters, git commit) and the checkpoint files under flat names (`cnn_fold0.pth`,
 `seq_pooled_fold0_outer0.pth`, ...). `load_bundle` reads a packaged folder, an attached dataset, or the run itself.
 The blend comes from the ensemble stage's metrics.json keys (ensemble_weights: {input: float or 6 floats},
@@ -10,7 +11,6 @@ ensemble_postprocess, ensemble_method; input "seq" is seq_primary_strategy); a r
 """
 from __future__ import annotations
 
-import ast
 import datetime as _dt
 import json
 import shutil
@@ -24,9 +24,6 @@ from lib.data.folds import read_folds
 from lib.paths import PathLike, RunPaths, attached_dataset
 
 FORMAT = 1
-#: How each sequence strategy averages its test predictions (as lib.seq_train.train_sequence does):
-#: "pairs" = mean over every (model, CNN fold) pair; "per_cnn_fold" = mean over a fold's models, then over folds.
-AGGREGATE = {"pooled": "pairs", "per_fold": "per_cnn_fold"}
 
 
 class BundleError(ValueError):
@@ -46,46 +43,44 @@ def _stage_params(run_manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _embed_tta(rp: RunPaths, params: Dict[str, Dict[str, Any]], ks: List[int]) -> List[str]:
-    """TTA views the embed stage used: its override in the run manifest, else the value in an executed embed
-    notebook (papermill's injected parameters, else that notebook's own default)."""
-    if "tta" in params.get("embed", {}):
-        return list(params["embed"]["tta"])
-    import nbformat
+def _embed_record(rp: RunPaths, k: int) -> Dict[str, Any]:
+    """What the embed stage recorded for CNN fold k's OOF export (tta, checkpoint, img_size); BundleError if absent."""
+    from lib.train.embed import read_record
 
-    from lib.run.runner import notebook_parameters
+    try:
+        return read_record(rp.embedding("oof", k))
+    except FileNotFoundError as exc:
+        raise BundleError(f"CNN fold {k}: {exc}") from None
 
+
+def _cnn_entry(rp: RunPaths, ks: List[int]) -> Tuple[Dict[str, Any], Dict[str, Path]]:
+    files, cfgs, losses, records = {}, [], {}, []
     for k in ks:
-        nb = rp.root / "notebooks" / f"03_embed_fold{k}.ipynb"
-        if nb.is_file():
-            injected = nbformat.read(nb, as_version=4).metadata.get("papermill", {}).get("parameters", {})
-            return list(injected["tta"] if "tta" in injected else notebook_parameters(nb)["tta"].default)
-    raise BundleError(f"cannot tell the embed stage's TTA views: no embed stage in {rp.root / 'manifest.json'} "
-                      f"and no executed 03_embed notebook in {rp.root / 'notebooks'}")
-
-
-def _cnn_entry(rp: RunPaths, ks: List[int], tta: List[str]) -> Tuple[Dict[str, Any], Dict[str, Path]]:
-    files, cfgs, losses = {}, [], {}
-    for k in ks:
-        path = rp.root / "models" / "cnn" / f"fold{k}" / "best.pth"
+        rec = _embed_record(rp, k)
+        path = Path(rec["checkpoint"])
         if not path.is_file():
-            raise BundleError(f"CNN fold {k} has no checkpoint {path}; train every fold of {rp.folds} first")
+            raise BundleError(f"CNN fold {k}: checkpoint {path} named by {rp.embedding_record('oof', k)} is missing")
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         cfgs.append(ckpt.get("cfg", {}))
+        records.append(rec)
         losses[str(k)] = ckpt.get("valid_logloss")
         files[f"cnn_fold{k}.pth"] = path
     arch = {c.get("arch") for c in cfgs}
-    mode, size = {c.get("mode", "single") for c in cfgs}, {c.get("img_size") for c in cfgs}
-    if len(arch) != 1 or len(mode) != 1 or len(size) != 1:
-        raise BundleError(f"CNN folds differ in arch {arch}, mode {mode} or img_size {size}")
-    entry = {"arch": arch.pop(), "mode": mode.pop(), "img_size": size.pop(), "tta": list(tta), "folds": ks,
+    mode, size = {c.get("mode", "single") for c in cfgs}, {r["img_size"] for r in records}
+    tta = {tuple(r["tta"]) for r in records}
+    if len(arch) != 1 or len(mode) != 1 or len(size) != 1 or len(tta) != 1:
+        raise BundleError(f"CNN folds differ in arch {arch}, mode {mode}, img_size {size} or TTA views {tta}")
+    entry = {"arch": arch.pop(), "mode": mode.pop(), "img_size": size.pop(), "tta": list(tta.pop()), "folds": ks,
              "files": {str(k): f"cnn_fold{k}.pth" for k in ks}, "valid_logloss": losses, "train_cfg": cfgs[0]}
     return entry, files
 
 
 def _seq_entry(rp: RunPaths, strategy: str, ks: List[int]) -> Tuple[Dict[str, Any], Dict[str, Path]]:
-    if strategy not in AGGREGATE:
-        raise BundleError(f"sequence strategy {strategy!r} has no test-time rule; known: {sorted(AGGREGATE)}")
+    from lib.sequence.strategies import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise BundleError(f"sequence strategy {strategy!r} has no test-time rule; known: {STRATEGIES.names()}")
+    rule = STRATEGIES.get(strategy).test
     root = rp.root / "models" / f"seq_{strategy}"
     log = _json(root / "train_log.json")
     if not log:
@@ -100,11 +95,10 @@ def _seq_entry(rp: RunPaths, strategy: str, ks: List[int]) -> Tuple[Dict[str, An
             if path.is_file():
                 name = f"seq_{strategy}_fold{k}_{tag}.pth"
                 files[name] = path
-                models.append({"tag": tag, "fold": k, "file": name,
-                               "cnn_folds": ks if AGGREGATE[strategy] == "pairs" else [k]})
+                models.append({"tag": tag, "fold": k, "file": name, "cnn_folds": rule.cnn_folds(k, ks)})
     if not models:
         raise BundleError(f"no sequence checkpoints for strategy {strategy!r} under {root}")
-    return {"config": log["config"], "aggregate": AGGREGATE[strategy], "models": models}, files
+    return {"config": log["config"], "aggregate": rule.name, "models": models}, files
 
 
 def _blend_entry(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -138,7 +132,7 @@ def collect_weights(run_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Path]]
                                                                                       "fmt")}
     if len(pre) != 4:
         raise BundleError(f"{rp.lookup('cache') / 'meta.json'} lacks the cache parameters (policy, img_size, ...)")
-    cnn, files = _cnn_entry(rp, ks, _embed_tta(rp, params, ks))
+    cnn, files = _cnn_entry(rp, ks)
     blend = _blend_entry(rp.metrics())
     seq = {}
     for source in sorted(set(blend["inputs"].values()) - {"cnn"}):

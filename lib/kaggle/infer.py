@@ -94,7 +94,7 @@ def cnn_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, cache_dir: Path,
     ids, probs = index["image_id"].astype(str).tolist(), []
     for k in cnn["folds"]:
         embed.export_embeddings(bundle.path(cnn["files"][str(k)]), cnn["arch"], cache_dir, ids,
-                                rp.embeddings_dir / f"test_fold{k}", mode=cnn["mode"], neighbours=nbrs,
+                                rp.embedding("test", k), mode=cnn["mode"], neighbours=nbrs,
                                 tta=tuple(cnn["tta"]), bs=bs, num_workers=num_workers, device=device,
                                 img_size=cnn["img_size"])
         es = open_embedding_set(rp.root, "test", k)
@@ -107,19 +107,21 @@ def seq_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, strategy: str, d
              progress: bool = True) -> pd.DataFrame:
     """A sequence strategy's test probabilities (wide), averaged like `train_sequence` averages them."""
     entry = bundle.manifest["sequence"][strategy]
+    rule = seq_train.STRATEGIES.get(strategy).test
+    if entry["aggregate"] != rule.name:
+        raise BundleError(f"bundle {bundle.source}: strategy {strategy!r} averages its test predictions by "
+                          f"{entry['aggregate']!r}, but lib.sequence.strategies registers {rule.name!r}")
     cfg = seq_train.SeqConfig.from_dict({**entry["config"], "device": device, "progress": progress})
     dev = seq_train.resolve_device(cfg.device)
     sets = {k: open_embedding_set(rp.root, "test", k) for k in bundle.manifest["cnn"]["folds"]}
-    per_fold: Dict[int, List[pd.DataFrame]] = {}
+    preds: seq_train.TestPreds = []
     for m in entry["models"]:
         models = load_models(bundle.path(m["file"]), dev)
         for k in m["cnn_folds"]:
             ds = SeriesDataset(index, seq_train.slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
                                cfg.series_key, spacing_scale=cfg.spacing_scale)
-            per_fold.setdefault(k, []).append(predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip,
-                                                            progress=progress))
-    groups = [[f for fs in per_fold.values() for f in fs]] if entry["aggregate"] == "pairs" else list(per_fold.values())
-    return ensemble.mean_frames([ensemble.mean_frames(g) for g in groups])
+            preds.append((k, predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip, progress=progress)))
+    return rule.average(preds)
 
 
 def blend_test(bundle: Bundle, preds: Dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -44,7 +44,7 @@ RANGES: Dict[str, Tuple[str, Callable[[float], bool]]] = {
     "crop_min": (">= 0", lambda v: v >= 0), "crop_max": (">= 0", lambda v: v >= 0),
     "hu_sample": (">= 1", lambda v: v >= 1), "n_show": (">= 0", lambda v: v >= 0),
     "n_strips": (">= 0", lambda v: v >= 0), "show_worst": (">= 0", lambda v: v >= 0),
-    "max_train_items": (">= 0", lambda v: v >= 0),
+    "max_train_items": (">= 0", lambda v: v >= 0), "max_valid_items": (">= 0", lambda v: v >= 0),
 }
 
 

@@ -24,7 +24,7 @@ from lib.progress import progress_bar
 
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
 from lib.evaluate.metrics import weighted_bce_with_logits
-from lib.paths import PathLike, RunPaths
+from lib.paths import PathLike, RunPaths, embedding_files
 from lib.models.seq_heads import create_head
 
 N_META = 3  # spacing_prev, spacing_next, rel_pos
@@ -265,9 +265,9 @@ class EmbeddingSet:
 
 def open_embedding_set(run_dir: PathLike, split: str, fold: int, suffix: str = "") -> EmbeddingSet:
     """Open `embeddings/{split}_fold{fold}{suffix}.npy` (+ `_logits.npy`, `.parquet`) memory-mapped."""
-    stem = f"{split}_fold{int(fold)}{suffix}"
-    root = RunPaths.at(run_dir).embeddings_dir
-    files = [root / f"{stem}.npy", root / f"{stem}_logits.npy", root / f"{stem}.parquet"]
+    prefix = RunPaths.at(run_dir).embedding(split, fold, suffix)
+    stem = prefix.name
+    files = [embedding_files(prefix)[k] for k in ("embeddings", "logits", "index")]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"embeddings of CNN fold {fold} ({split}) missing: {missing}; run the export stage")

@@ -4,7 +4,9 @@ The K CNN fold models embed into K different feature spaces, so embeddings are n
 `per_fold`: for CNN fold k, sequence models train on fold-k images only (CNN-k space) with an inner split by patient;
 test = mean over inner models on test_fold{k}, then over k. `pooled`: outer model k trains on the OOF features of
 all folds != k (each image embedded by the CNN that did not see it) and predicts fold k; test = mean over every
-(outer model, CNN fold) pair. Both give OOF predictions for every labelled image, keyed by image_id.
+(outer model, CNN fold) pair. Both give OOF predictions for every labelled image, keyed by image_id. Each strategy is
+registered once in `STRATEGIES` with its test-time rule (`TestRule`), which training, the weights bundle and
+test-only inference (lib.kaggle) all use.
 Model selection: `select="best"` keeps the epoch with the lowest masked metric on the validation series (the
 series it then predicts: slightly optimistic OOF, as in the 1st place); `select="last"` or `snapshot_epochs=n`
 (average of the last n epochs) never look at validation labels.
@@ -17,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -34,61 +36,119 @@ from sklearn.model_selection import GroupKFold
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from lib import config
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, wide_to_long
 from lib.evaluate.metrics import metric_report, weighted_log_loss
 from lib.paths import PathLike, RunPaths, atomic_write, atomic_write_text
 from lib.train.ddp import resolve_precision
-from lib.ensemble import mean_frames
+from lib.ensemble import mean_frames, write_predictions
 from lib.registry import Registry
 from lib.models.seq_heads import create_head
 from lib.sequence.features import (EmbeddingSet, SeriesDataset, SeqLoss, SequenceDataError, collate_for_learner,
                                    feature_dim, load_models, open_embedding_set, predict_probs, seed_worker,
                                    split_output)
 
+TestPreds = List[Tuple[int, pd.DataFrame]]  # (CNN fold whose test inputs a head saw, its wide predictions), in order
+
+
+@dataclass(frozen=True)
+class TestRule:
+    """How a strategy's heads meet the test set: which CNN folds' test inputs each head predicts, and how those
+    predictions are averaged. `name` is what a weights bundle records (manifest "aggregate")."""
+
+    name: str
+    every_cnn_fold: bool  # True: a head predicts every CNN fold's test inputs; False: only its own fold's
+    per_cnn_fold: bool    # True: mean over a CNN fold's predictions, then over folds; False: mean over all pairs
+
+    def cnn_folds(self, fold: int, folds: List[int]) -> List[int]:
+        """The CNN folds whose test inputs a head of CNN fold `fold` predicts."""
+        return list(folds) if self.every_cnn_fold else [fold]
+
+    def average(self, preds: TestPreds) -> pd.DataFrame:
+        """The strategy's test prediction (wide) from its heads' (CNN fold, prediction) pairs."""
+        if not self.per_cnn_fold:
+            return mean_frames([p for _, p in preds])
+        groups: Dict[int, List[pd.DataFrame]] = {}
+        for k, p in preds:
+            groups.setdefault(k, []).append(p)
+        return mean_frames([mean_frames(groups[k]) for k in sorted(groups)])
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A fold strategy: `fit(run)` -> (OOF prediction parts, test predictions), and its test-time rule."""
+
+    fit: Callable[["_Run"], Tuple[List[pd.DataFrame], TestPreds]]
+    test: TestRule
+
+
 STRATEGIES: Registry = Registry("sequence fold strategy")
+
+
+def register_strategy(name: str, test: TestRule) -> Callable:
+    """Decorator: register a strategy's fit function under `name` together with its test-time rule."""
+    def deco(fit: Callable) -> Callable:
+        STRATEGIES.add(name, Strategy(fit, test))
+        return fit
+    return deco
 
 
 INPUTS = {"embedding": lambda es: es.emb, "logits": lambda es: es.logits}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SeqConfig:
-    """Sequence-stage parameters (YAML overrides through `from_dict`; unknown keys are an error)."""
+    """Sequence-stage parameters (`from_dict`: unknown keys or missing settings are an error).
 
-    head: str = "lstm"                      # registry name in lib.seq_heads.HEADS
-    head_kwargs: Dict[str, Any] = field(default_factory=dict)
-    epochs: int = 8
-    lr: float = 1e-3                        # one-cycle max lr
-    bs: int = 16                            # series per batch
-    wd: float = 1e-2
-    crop: Optional[Tuple[int, int]] = (24, 48)  # random contiguous training window (min, max) slices, or None
-    reverse_p: float = 0.5                  # training reversal probability
-    aux_weight: float = 0.5                 # weight of the auxiliary per-slice loss (heads that return aux)
-    inner_folds: int = 4                    # per_fold strategy: inner split of fold k's patients
-    seed: int = 42
-    num_workers: int = 0
-    device: str = "auto"                    # "auto" | "cpu" | "cuda"
-    mixed_precision: str = "no"             # no | auto (bf16/fp16 on CUDA) | bf16 | fp16. Default no: on an H100 the
-    #                                         lstm (h1024, 4 series a batch) ran 178 series/s under bf16 autocast vs 226
-    #                                         in float32 (python -m lib.bench sequence --precision)
-    snapshot_epochs: int = 0                # >0: average predictions of the last n epochs (no selection)
-    select: str = "best"                    # "best" (lowest valid metric) | "last"
-    tta_flip: bool = True                   # average forward and reversed series at prediction
-    spacing_scale: float = 10.0             # mm -> input units
-    series_key: str = "series_uid"
-    emb_suffix: str = ""                    # e.g. "_ep3" for per-epoch embedding files
-    inputs: str = "embedding"               # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
+    Experiment settings have no defaults: notebooks/ich/04_sequence.ipynb's parameters cell is their one source
+    (`from_params` maps its unset literals and its crop_min / crop_max pair, lib.config); run-time knobs keep
+    neutral defaults.
+    """
+
+    UNSET: ClassVar[Dict[str, Any]] = {"crop_min": 0}
+    #: notebook parameters a field is built from, where they differ from the field's own name
+    PARAMS: ClassVar[Dict[str, Tuple[str, ...]]] = {"crop": ("crop_min", "crop_max")}
+
+    head: str                               # registry name in lib.seq_heads.HEADS
+    head_kwargs: Dict[str, Any]
+    epochs: int
+    lr: float                               # one-cycle max lr
+    bs: int                                 # series per batch
+    wd: float
+    crop: Optional[Tuple[int, int]]         # random contiguous training window (min, max) slices, or None
+    reverse_p: float                        # training reversal probability
+    aux_weight: float                       # weight of the auxiliary per-slice loss (heads that return aux)
+    inner_folds: int                        # per_fold strategy: inner split of fold k's patients
+    seed: int
+    mixed_precision: str                    # no | auto (bf16/fp16 on CUDA) | bf16 | fp16. The stage uses no: on an
+    #                                         H100 the lstm (h1024, 4 series a batch) ran 178 series/s under bf16
+    #                                         autocast vs 226 in float32 (python -m lib.bench sequence --precision)
+    snapshot_epochs: int                    # >0: average predictions of the last n epochs (no selection)
+    select: str                             # "best" (lowest valid metric) | "last"
+    tta_flip: bool                          # average forward and reversed series at prediction
+    spacing_scale: float                    # mm -> input units
+    series_key: str
+    emb_suffix: str                         # e.g. "_ep3" for per-epoch embedding files ("" = best.pth's)
+    inputs: str                             # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
     #                                         vector (aligned across fold models: the same meaning in every fold)
-    progress: bool = True
-    resume: bool = True                     # reuse a finished head whose inputs and settings match (interrupted runs)
+    num_workers: int = config.runtime(0)
+    device: str = config.runtime("auto")    # "auto" | "cpu" | "cuda"
+    progress: bool = config.runtime(True)
+    resume: bool = config.runtime(True)     # reuse a finished head whose inputs and settings match (interrupted runs)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "SeqConfig":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise KeyError(f"unknown SeqConfig keys {unknown}; valid keys: {sorted(valid)}")
+        """Build from a dict of fields; unknown keys or missing experiment settings are a KeyError naming them."""
+        config.check_keys(cls, values)
         return cls(**values)
+
+    @classmethod
+    def from_params(cls, **params: Any) -> "SeqConfig":
+        """Build from notebook parameters: crop_min 0 means no crop, else crop = (crop_min, crop_max)."""
+        values = config.none_if_unset(params, cls.UNSET)
+        low, high = values.pop("crop_min"), values.pop("crop_max")
+        return cls.from_dict({**values, "head_kwargs": dict(values["head_kwargs"]),
+                              "crop": None if low is None else (low, high)})
 
     def __post_init__(self) -> None:
         if self.crop is not None:
@@ -258,44 +318,46 @@ class _Run:
         return predict_probs(models, ds, bs=max(self.cfg.bs, 32), flip=self.cfg.tta_flip,
                              num_workers=self.cfg.num_workers, progress=self.cfg.progress)
 
-    def predict_test(self, model: str, models: List[nn.Module], folds: List[int]) -> List[pd.DataFrame]:
+    def predict_test(self, model: str, models: List[nn.Module], folds: List[int]) -> TestPreds:
         if self.test is None:
             return []
-        return [self.predict(model, models, self.dataset(self.test, self.test_sets[k], False, labelled=False),
-                             self.test_sets[k], self.test) for k in folds]
+        return [(k, self.predict(model, models, self.dataset(self.test, self.test_sets[k], False, labelled=False),
+                                 self.test_sets[k], self.test)) for k in folds]
 
 
-@STRATEGIES.register("pooled")
-def _pooled(run: _Run) -> Tuple[List[pd.DataFrame], List[pd.DataFrame]]:
+@register_strategy("pooled", TestRule("pairs", every_cnn_fold=True, per_cnn_fold=False))
+def _pooled(run: _Run) -> Tuple[List[pd.DataFrame], TestPreds]:
     folds = sorted(run.oof_sets)
-    oof, test = [], []
+    rule = STRATEGIES.get("pooled").test
+    oof: List[pd.DataFrame] = []
+    test: TestPreds = []
     for k in folds:
         parts = [(run.train[run.train["fold"] == k2], run.oof_sets[k2]) for k2 in folds if k2 != k]
         valid = (run.train[run.train["fold"] == k], run.oof_sets[k])
         models, valid_ds = run.fit(f"outer{k}", k, parts, valid)
         oof.append(run.predict(f"outer{k}", models, valid_ds, valid[1], valid[0]))
-        test += run.predict_test(f"outer{k}", models, folds)
+        test += run.predict_test(f"outer{k}", models, rule.cnn_folds(k, folds))
     return oof, test
 
 
-@STRATEGIES.register("per_fold")
-def _per_fold(run: _Run) -> Tuple[List[pd.DataFrame], List[pd.DataFrame]]:
-    oof, test = [], []
-    for k in sorted(run.oof_sets):
+@register_strategy("per_fold", TestRule("per_cnn_fold", every_cnn_fold=False, per_cnn_fold=True))
+def _per_fold(run: _Run) -> Tuple[List[pd.DataFrame], TestPreds]:
+    folds = sorted(run.oof_sets)
+    rule = STRATEGIES.get("per_fold").test
+    oof: List[pd.DataFrame] = []
+    test: TestPreds = []
+    for k in folds:
         fk = run.train[run.train["fold"] == k]
         series = fk.groupby(run.cfg.series_key, sort=True)["patient_id"].first()
         n_splits = min(run.cfg.inner_folds, series.nunique())
         if n_splits < 2:
             raise SequenceDataError(f"fold {k} has {series.nunique()} patient(s); per_fold needs >= 2")
-        per_k = []
         for j, (tr, va) in enumerate(GroupKFold(n_splits).split(series.index, groups=series.to_numpy())):
             tr_df, va_df = (fk[fk[run.cfg.series_key].isin(series.index[idx])] for idx in (tr, va))
             name, es = f"cnn{k}_inner{j}", run.oof_sets[k]
             models, valid_ds = run.fit(name, k, [(tr_df, es)], (va_df, es))
             oof.append(run.predict(name, models, valid_ds, es, va_df))
-            per_k += run.predict_test(name, models, [k])
-        if per_k:
-            test.append(mean_frames(per_k))
+            test += run.predict_test(name, models, rule.cnn_folds(k, folds))
     return oof, test
 
 
@@ -321,7 +383,7 @@ def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFram
     With `write`: predictions/oof_seq_{strategy}.csv (wide), predictions/test_seq_{strategy}.csv (Kaggle long),
     models/seq_{strategy}/fold{k}/*.pth + log_*.csv + train_log.json, and metrics.json keys oof_seq_{strategy}_*.
     """
-    t0, runner = time.time(), STRATEGIES.get(strategy)
+    t0, strat = time.time(), STRATEGIES.get(strategy)
     paths = RunPaths.at(run_dir)
     train = _train_table(index_df, folds, labels, cfg.series_key)
     ks = sorted(int(k) for k in train["fold"].unique())
@@ -330,8 +392,8 @@ def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFram
                  if test_index_df is not None else {})
     run = _Run(cfg, paths, strategy, train, labels, oof_sets, test_sets, test_index_df,
                feature_dim(slice_vectors(oof_sets[ks[0]], cfg).shape[1]))
-    oof_parts, test_parts = runner(run)
-    test = mean_frames(test_parts) if test_parts else None
+    oof_parts, test_parts = strat.fit(run)
+    test = strat.test.average(test_parts) if test_parts else None
     oof, expected = pd.concat(oof_parts), train["image_id"].astype(str).to_numpy()
     if oof.index.duplicated().any() or len(oof) != len(expected) or not oof.index.isin(expected).all():
         raise SequenceDataError(f"{strategy}: OOF predictions do not cover every labelled image exactly once")
@@ -359,12 +421,11 @@ def _cnn_oof_probs(train: pd.DataFrame, sets: Dict[int, EmbeddingSet]) -> pd.Dat
 
 
 def _write(run: _Run, oof: pd.DataFrame, test: Optional[pd.DataFrame], metrics: Dict[str, Any]) -> None:
-    pred_dir, s = run.paths.predictions_dir, run.strategy
-    atomic_write_text(pred_dir / f"oof_seq_{s}.csv", oof.rename_axis("image_id").reset_index().to_csv(index=False))
-    run.paths.record(f"oof_seq_{s}", pred_dir / f"oof_seq_{s}.csv")
+    s = run.strategy
+    run.paths.record(f"oof_seq_{s}", write_predictions(oof, run.paths.oof_predictions(f"seq_{s}")))
     if test is not None:
-        atomic_write_text(pred_dir / f"test_seq_{s}.csv", wide_to_long(test).to_csv(index=False))
-        run.paths.record(f"test_seq_{s}", pred_dir / f"test_seq_{s}.csv")
+        atomic_write_text(run.paths.test_predictions(f"seq_{s}"), wide_to_long(test).to_csv(index=False))
+        run.paths.record(f"test_seq_{s}", run.paths.test_predictions(f"seq_{s}"))
     counts = [{**{k: v for k, v in p.items() if k != "image_ids"}, "n_images": len(p["image_ids"])}
               for p in run.provenance]
     log = {"config": asdict(run.cfg), "strategy": s, "metrics": metrics, "models": run.logs, "inputs": counts}

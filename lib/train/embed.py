@@ -3,7 +3,9 @@
 Files per export, `<prefix>` e.g. RUN/embeddings/oof_fold0 (layout in CONTRACTS.md):
   <prefix>.npy          float16 (N, D) pre-logits embedding (np.load(..., mmap_mode="r") works);
   <prefix>_logits.npy   float16 (N, 6) logits, SUBTYPES order;
-  <prefix>.parquet      image_id, row (row = position in the two arrays).
+  <prefix>.parquet      image_id, row (row = position in the two arrays);
+  <prefix>.json         the export's record: tta views, checkpoint (relative to the embeddings folder when inside the
+                        run), arch, mode, img_size (the size used), n, dim; written last (lib.kaggle.bundle reads it).
 TTA: every view ("orig", "hflip", "vflip", "transpose") of a batch goes through the model; the embedding is the mean
 of the views' embeddings and the logits are the mean of the views' logits. The head is linear on the embedding, so
 the stored logits equal the head applied to the stored (averaged) embedding: the two arrays are consistent.
@@ -12,6 +14,7 @@ model k; `oof_table` checks that every labelled image got exactly one embedding,
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from lib.data.datasets import ImageDataset, ImageLoader, worker_init_fn
 from lib.train.ddp import resolve_device
 from lib.tasks.ich.labels import SUBTYPES
 from lib.models.factory import create_model, embedding_dim, forward_embed
-from lib.paths import RunPaths
+from lib.paths import RunPaths, atomic_write_text, embedding_files
 from lib.registry import Registry
 from lib.train.fit import norm_stats
 
@@ -74,7 +77,8 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
 
     img_size None: the training size stored in the checkpoint's cfg (else the cached size). On CUDA the forward
     runs under bf16 autocast with channels_last. Files are written under temporary names and renamed at the end.
-    Returns {"n", "dim", "tta", "embeddings", "logits", "index", "checkpoint", "seconds"}.
+    Returns {"n", "dim", "tta", "embeddings", "logits", "index", "record", "checkpoint", "seconds"}; the record
+    file holds the same minus the paths of the arrays and the timing.
     """
     t0, views = time.time(), [TTA_VIEWS.get(v) for v in tta]
     if not views:
@@ -97,9 +101,8 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
         model.to(memory_format=torch.channels_last)
     prefix = Path(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = {k: prefix.with_name(prefix.name + s) for k, s in
-             (("embeddings", ".npy"), ("logits", "_logits.npy"), ("index", ".parquet"))}
-    tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in paths.items()}
+    paths = embedding_files(prefix)
+    tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in paths.items() if k != "record"}
     dim = embedding_dim(model)
     emb_out = np.lib.format.open_memmap(tmp["embeddings"], mode="w+", dtype=np.float16, shape=(len(ids), dim))
     logits_out = np.zeros((len(ids), len(SUBTYPES)), np.float16)
@@ -119,12 +122,32 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
     pd.DataFrame({"image_id": ids, "row": np.arange(len(ids), dtype=np.int64)}).to_parquet(tmp["index"], index=False)
     for k in ("embeddings", "logits", "index"):
         os.replace(tmp[k], paths[k])
+    record = {"tta": list(tta), "checkpoint": _relative(Path(checkpoint), prefix.parent), "arch": arch, "mode": mode,
+              "img_size": size, "n": len(ids), "dim": dim}
+    atomic_write_text(paths["record"], json.dumps(record, indent=1))
     return {"n": len(ids), "dim": dim, "tta": list(tta), **{k: str(p) for k, p in paths.items()},
             "checkpoint": str(checkpoint), "seconds": round(time.time() - t0, 2)}
 
 
+def _relative(path: Path, folder: Path) -> str:
+    """`path` relative to `folder` when both lie in one run dir (a copied run keeps working), else absolute."""
+    path, folder = path.resolve(), folder.resolve()
+    return os.path.relpath(path, folder) if path.is_relative_to(folder.parent) else str(path)
+
+
+def read_record(prefix: PathLike) -> Dict[str, Any]:
+    """The record of the export at `prefix`, its checkpoint as an absolute path; FileNotFoundError if it has none."""
+    path = embedding_files(prefix)["record"]
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding export {prefix} has no record {path.name} (exports by lib.train.embed "
+                                f"write it; re-run the embed stage)")
+    record = json.loads(path.read_text())
+    record["checkpoint"] = str((path.parent / record["checkpoint"]).resolve())
+    return record
+
+
 def _test_ids(rp: RunPaths) -> List[str]:
-    path = rp.root / "index" / "test.parquet"
+    path = rp.index("test")
     return pd.read_parquet(path, columns=["image_id"])["image_id"].astype(str).tolist() if path.exists() else []
 
 
@@ -144,7 +167,6 @@ def export_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, fol
     if fold >= 0 and not oof_ids:
         raise ValueError(f"fold {fold} has no images in the folds table")
     test_ids = _test_ids(rp) if test_ids is None else [str(i) for i in test_ids]
-    tag = f"fold{fold}" if fold >= 0 else "all"
     jobs = [("best.pth", "")] + [(f"epoch{int(e)}.pth", f"_ep{int(e)}") for e in (epochs or [])]
     out: Dict[str, List[Dict[str, Any]]] = {"oof": [], "test": []}
     kw = dict(mode=mode, neighbours=neighbours, tta=tta, bs=bs, num_workers=num_workers, device=device,
@@ -152,7 +174,7 @@ def export_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, fol
     for ckpt, suffix in jobs:
         for split, ids in (("oof", oof_ids), ("test", test_ids)):
             if ids:
-                prefix = rp.embeddings_dir / f"{split}_{tag}{suffix}"
+                prefix = rp.embedding(split, fold, suffix)
                 out[split].append(export_embeddings(mdir / ckpt, arch, cache_dir, ids, prefix, **kw))
     return out
 
@@ -160,7 +182,7 @@ def export_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, fol
 def load_embeddings(prefix: PathLike) -> Tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """(embeddings float16 (N, D) memory-mapped read-only, logits float16 (N, 6), index df image_id/row)."""
     prefix = Path(prefix)
-    paths = [prefix.with_name(prefix.name + s) for s in (".npy", "_logits.npy", ".parquet")]
+    paths = [embedding_files(prefix)[k] for k in ("embeddings", "logits", "index")]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"embedding export {prefix} is incomplete; missing {missing}")
@@ -176,11 +198,11 @@ def oof_table(run_dir: PathLike, folds: pd.DataFrame, suffix: str = "") -> Tuple
     Raises ValueError if an image's logits come from a model whose fold is not the image's fold, or if an image of
     `folds` has no OOF row or more than one.
     """
-    emb_dir = RunPaths.at(run_dir).embeddings_dir
+    rp = RunPaths.at(run_dir)
     fold_of = dict(zip(folds["image_id"].astype(str), folds["fold"].astype(int)))
     ids_parts, logit_parts = [], []
     for k in sorted(set(fold_of.values())):
-        _, logits, index = load_embeddings(emb_dir / f"oof_fold{k}{suffix}")
+        _, logits, index = load_embeddings(rp.embedding("oof", k, suffix))
         wrong = [i for i in index["image_id"] if fold_of.get(i) != k]
         if wrong:
             raise ValueError(f"oof_fold{k}{suffix} holds {len(wrong)} images not in fold {k}, e.g. {wrong[:3]}")

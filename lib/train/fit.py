@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,7 @@ from fastcore.foundation import L
 from functools import partial
 from torch import nn
 
+from lib import config
 from lib.train import ddp
 from lib.train.ddp import PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from lib.data.augment import AUGMENTATIONS, create_transform
@@ -65,37 +66,44 @@ OPTIMIZERS: Registry = Registry("optimizer")
 _RESUME_FREE = {"resume", "num_workers", "device", "save_every_epoch", "keep_optimizer", "patience"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    """Everything one fold's training depends on (JSON/YAML friendly). `bs` is per process (global = bs * N)."""
+    """Everything one fold's training depends on (JSON/YAML friendly). `bs` is per process (global = bs * N).
 
-    arch: str = "resnet18"
-    img_size: int = 256
-    pretrained_weights: Optional[str] = None  # local timm/torchvision state_dict file; None = random init
-    mode: str = "single"                      # "single" 3-window slice | "adjacent" slices s-1, s, s+1
-    aug: str = "light"                        # lib.augment recipe name for training (validation uses "none")
-    epochs: int = 3
-    lr: float = 1e-3
-    wd: float = 1e-2
-    bs: int = 32
-    schedule: str = "one_cycle"               # one_cycle | cosine (linear warm-up + cosine) | constant
-    opt: str = "adamw"                        # adamw (decoupled wd) | adam (L2 wd, the 2nd place's Adam)
-    neg_frac: float = 1.0                     # fraction of any-negative slices drawn per epoch (1 = all)
-    num_workers: int = 4
-    seed: int = 42
-    mixed_precision: str = "auto"             # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | no
-    channels_last: bool = False
-    drop_rate: float = 0.0
-    pct_start: float = 0.25                   # one_cycle warm-up fraction
-    warmup_pct: float = 0.05                  # cosine warm-up fraction
-    max_train_items: Optional[int] = None     # random subset (smoke tests)
-    max_valid_items: Optional[int] = None
-    per_class_metrics: bool = True
-    patience: Optional[int] = None            # early stopping on the validation log loss (epochs without gain)
-    resume: bool = True
-    save_every_epoch: bool = True             # False: only the newest epoch{e}.pth is kept
-    keep_optimizer: str = "last"              # "last": optimizer state only in the newest epoch{e}.pth | "all"
-    device: str = "auto"
+    Experiment settings have no defaults: notebooks/ich/02_train_cnn.ipynb's parameters cell is their one source
+    (`from_params` maps its unset literals, lib.config); run-time knobs keep neutral defaults.
+    """
+
+    UNSET: ClassVar[Dict[str, Any]] = {"pretrained_weights": "", "patience": 0, "max_train_items": 0,
+                                       "max_valid_items": 0}
+
+    arch: str
+    img_size: int
+    pretrained_weights: Optional[str]         # local timm/torchvision state_dict file; None = random init
+    mode: str                                 # "single" 3-window slice | "adjacent" slices s-1, s, s+1
+    aug: str                                  # lib.augment recipe name for training (validation uses "none")
+    epochs: int
+    lr: float
+    wd: float
+    bs: int
+    schedule: str                             # one_cycle | cosine (linear warm-up + cosine) | constant
+    opt: str                                  # adamw (decoupled wd) | adam (L2 wd, the 2nd place's Adam)
+    neg_frac: float                           # fraction of any-negative slices drawn per epoch (1 = all)
+    seed: int
+    mixed_precision: str                      # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | no
+    channels_last: bool
+    drop_rate: float
+    pct_start: float                          # one_cycle warm-up fraction
+    warmup_pct: float                         # cosine warm-up fraction
+    max_train_items: Optional[int]            # random subset (smoke tests); None = all
+    max_valid_items: Optional[int]
+    patience: Optional[int]                   # early stopping on the validation log loss (epochs without gain)
+    num_workers: int = config.runtime(4)
+    per_class_metrics: bool = config.runtime(True)  # also log the per-subtype validation losses
+    resume: bool = config.runtime(True)
+    save_every_epoch: bool = config.runtime(True)   # False: only the newest epoch{e}.pth is kept
+    keep_optimizer: str = config.runtime("last")    # "last": optimizer state only in the newest epoch{e}.pth | "all"
+    device: str = config.runtime("auto")
 
     def __post_init__(self) -> None:
         """Unknown names fail here, before any data is read (KeyError / ValueError listing the valid values)."""
@@ -111,12 +119,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        """Build from a dict; unknown keys are a KeyError listing the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise KeyError(f"unknown TrainConfig keys {unknown}; valid keys: {valid}")
+        """Build from a dict; unknown keys or missing experiment settings are a KeyError naming them."""
+        config.check_keys(cls, d)
         return cls(**d)
+
+    @classmethod
+    def from_params(cls, **params: Any) -> "TrainConfig":
+        """Build from notebook parameters: the `UNSET` literals ("" or 0) become None (lib.config)."""
+        return cls.from_dict(config.none_if_unset(params, cls.UNSET))
 
     @classmethod
     def from_json(cls, path: PathLike) -> "TrainConfig":

@@ -128,16 +128,16 @@ def cnn_predictions(rp: RunPaths, folds: pd.DataFrame) -> Optional[Dict[str, pd.
     from lib.train.embed import load_embeddings, oof_table
 
     ks = sorted(folds["fold"].unique())
-    if not all((rp.embeddings_dir / f"oof_fold{k}_logits.npy").exists() for k in ks):
+    if not all(rp.embedding_logits("oof", k).exists() for k in ks):
         return None
     ids, logits = oof_table(rp.root, folds)
     oof = pd.DataFrame(expit(logits.astype(np.float64)), index=pd.Index(ids, name="image_id"),
                        columns=list(SUBTYPES))
     test = None
-    if all((rp.embeddings_dir / f"test_fold{k}_logits.npy").exists() for k in ks):
+    if all(rp.embedding_logits("test", k).exists() for k in ks):
         frames = []
         for k in ks:
-            _, lg, idx = load_embeddings(rp.embeddings_dir / f"test_fold{k}")
+            _, lg, idx = load_embeddings(rp.embedding("test", k))
             probs = expit(lg[idx["row"].to_numpy()].astype(np.float64))
             frames.append(pd.DataFrame(probs, index=idx["image_id"].astype(str), columns=list(SUBTYPES)))
         test = mean_frames(frames)
