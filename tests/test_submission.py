@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from lib.tasks.ich.labels import SUBTYPES
-from lib.tasks.ich.submission import SubmissionError, to_long, validate_submission, write_submission
+from lib.tasks.ich.submission import SubmissionError, fill_missing, to_long, validate_submission, write_submission
 
 IDS = [f"ID_{i:09x}" for i in range(5)]
 
@@ -41,7 +41,7 @@ def test_good_submission_is_clipped_ordered_and_valid(tmp_path: Path, sample: Pa
 
 @pytest.mark.parametrize("case,match", [
     ("missing", r"6 IDs missing \(1 images"), ("extra", r"6 IDs extra \(1 images"), ("nan", "NaN"),
-    ("dup_image", "duplicated"),
+    ("dup_image", "duplicated"), ("inf", "NaN or infinite"), ("neg_inf", "NaN or infinite"),
 ])
 def test_invalid_predictions_raise_and_write_nothing(tmp_path: Path, sample: Path, case: str, match: str):
     p = preds()
@@ -51,6 +51,8 @@ def test_invalid_predictions_raise_and_write_nothing(tmp_path: Path, sample: Pat
         p = pd.concat([p, preds(["ID_ffffffff0"], seed=1)])
     elif case == "nan":
         p.iloc[2, 3] = np.nan
+    elif case in ("inf", "neg_inf"):  # clipping used to turn inf into 1 - 1e-6 without a word
+        p.iloc[2, 3] = np.inf if case == "inf" else -np.inf
     else:
         p = pd.concat([p, p.iloc[[1]]])
     target = tmp_path / "submission.csv"
@@ -83,3 +85,21 @@ def test_validate_long_table_checks(sample: Path):
     other = pd.DataFrame({"ID": [f"ID_aaaaaaaa0_{s}" for s in SUBTYPES], "Label": 0.5})
     with pytest.raises(SubmissionError, match=r"6 IDs missing \(1 images.*6 IDs extra"):
         validate_submission(pd.concat([good, other]).iloc[6:], sample)
+
+
+def test_out_of_range_predictions_are_clipped_with_a_warning(tmp_path: Path, sample: Path):
+    p = preds()
+    p.iloc[1, 2], p.iloc[3, 4] = 1.7, -0.3
+    with pytest.warns(UserWarning, match=r"2 predictions lie outside \[0, 1\]"):
+        out = write_submission(p, tmp_path / "submission.csv", sample)
+    assert pd.read_csv(out)["Label"].between(1e-6, 1 - 1e-6).all()
+
+
+def test_images_without_a_prediction_get_the_prior_and_are_counted(tmp_path: Path, sample: Path):
+    p = preds().iloc[2:]  # two unreadable test images
+    prior = pd.Series(np.linspace(0.01, 0.06, 6), index=list(SUBTYPES))
+    filled, n = fill_missing(p, sample, prior)
+    assert n == 2 and set(filled.index) == set(IDS)
+    np.testing.assert_allclose(filled.loc[IDS[0]].to_numpy(), prior.to_numpy())
+    write_submission(filled, tmp_path / "submission.csv", sample)  # now a valid submission
+    assert fill_missing(filled, sample, prior)[1] == 0

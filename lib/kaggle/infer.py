@@ -24,6 +24,7 @@ from lib.imaging import windowing
 from lib.kaggle.bundle import Bundle, BundleError
 from lib.data.datasets import neighbours
 from lib.tasks.ich.labels import SUBTYPES, split_ids
+from lib.tasks.ich import submission
 from lib.tasks.ich.postprocess import any_ge_max
 from lib.paths import PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
 from lib.tasks.ich.data import CompetitionData
@@ -136,14 +137,9 @@ def blend_test(bundle: Bundle, preds: Dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def fill_missing(pred: pd.DataFrame, sample_submission: PathLike) -> Tuple[pd.DataFrame, int]:
-    """Images of the sample submission without a prediction (unreadable DICOMs) get the mean prediction."""
-    sample = pd.read_csv(sample_submission, usecols=["ID"])["ID"]
-    ids = pd.Index(split_ids(sample, source=str(sample_submission))["image_id"].unique(), name="image_id")
-    lack = ids.difference(pred.index)
-    if not len(lack):
-        return pred, 0
-    filler = pd.DataFrame([pred.mean().to_numpy()] * len(lack), index=lack, columns=pred.columns)
-    return pd.concat([pred, filler]), len(lack)
+    """Images of the sample submission without a prediction (unreadable DICOMs) get the mean prediction of the
+    readable ones (the bundle carries no training labels; on the training path the prior is the prevalence)."""
+    return submission.fill_missing(pred, sample_submission, pred.mean())
 
 
 def submission_paths(rp: RunPaths) -> List[Path]:

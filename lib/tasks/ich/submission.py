@@ -1,11 +1,14 @@
 """Kaggle submission: wide predictions -> `ID,Label` rows, validated against the sample submission, written atomically.
 
-An invalid submission is an error, never a file: `write_submission` clips, validates, and only then writes.
+An invalid submission is an error, never a file: `write_submission` refuses non-finite predictions, warns about
+probabilities outside [0, 1] (a bug upstream, not rounding), clips to [clip, 1 - clip], validates, and only then
+writes. Test images without a prediction (unreadable DICOMs) get the prior through `fill_missing`, counted.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -91,6 +94,17 @@ def write_submission(wide_pred: pd.DataFrame, path: PathLike, sample_submission:
     """
     if not 0 < clip < 0.5:
         raise ValueError(f"clip must be in (0, 0.5); got {clip}")
+    values = wide_pred[[s for s in SUBTYPES if s in wide_pred.columns]].to_numpy(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows = wide_pred.index[bad.any(axis=1)]
+        raise SubmissionError(f"{int(bad.sum())} predictions are NaN or infinite, e.g. images {_examples(rows)}; "
+                              "nothing written")
+    outside = (values < 0) | (values > 1)
+    if outside.any():
+        warnings.warn(f"{int(outside.sum())} predictions lie outside [0, 1] (min {values.min():.4g}, max "
+                      f"{values.max():.4g}), e.g. images {_examples(wide_pred.index[outside.any(axis=1)])}; "
+                      f"clipped to [{clip}, {1 - clip}]", UserWarning, stacklevel=2)
     sub = to_long(wide_pred)
     sub["Label"] = np.clip(sub["Label"].to_numpy(np.float64), clip, 1 - clip)
     order = _sample_ids(sample_submission)
@@ -99,3 +113,17 @@ def write_submission(wide_pred: pd.DataFrame, path: PathLike, sample_submission:
     path = Path(path)
     atomic_write_text(path, sub.to_csv(index=False))
     return path
+
+
+def fill_missing(pred: pd.DataFrame, sample_submission: Union[PathLike, pd.DataFrame],
+                 prior: Mapping[str, float]) -> Tuple[pd.DataFrame, int]:
+    """Images of the sample submission without a prediction (unreadable test DICOMs) get `prior` (per label, e.g.
+    the training prevalence) -> (table covering every sample image, number of images filled)."""
+    ids = pd.Index(split_ids(pd.Series(_sample_ids(sample_submission)), source="sample submission")["image_id"]
+                   .unique(), name="image_id")
+    lack = ids.difference(pred.index)
+    if not len(lack):
+        return pred, 0
+    row = [float(prior[s]) for s in pred.columns]
+    filler = pd.DataFrame([row] * len(lack), index=lack, columns=pred.columns)
+    return pd.concat([pred, filler]), len(lack)
