@@ -1,0 +1,1 @@
+"""Per-competition task packages: data layers, generators and task-specific helpers."""
