@@ -232,7 +232,8 @@ def plan_series(rng: np.random.Generator, pid: str, seq_index: int, anat: Anatom
     step = half / ((n - 1) / 2 - blank + 0.5)
     ps = rng.uniform(220.0, 250.0) / max(rows, cols)
     head = origin + rng.normal(0.0, 3.0, 3)
-    centre = head + rng.uniform(-8, 8) * row_dir + rng.uniform(-8, 8) * col_dir + rng.uniform(-0.25, 0.25) * step * normal
+    shift = rng.uniform(-8, 8, 2)  # mm in plane; along the normal at most a quarter step, so the end slices stay blank
+    centre = head + shift[0] * row_dir + shift[1] * col_dir + rng.uniform(-0.25, 0.25) * step * normal
     first = centre - (cols - 1) / 2 * ps * row_dir - (rows - 1) / 2 * ps * col_dir - (n - 1) / 2 * step * normal
     numbering = _pick(rng, NUMBERING)
     if numbering == "ascending":
@@ -455,7 +456,9 @@ def generate(out: PathLike, patients: int = 20, seed: int = 0, size: int = 96, s
     """Write the synthetic BraTS data set under `out` (see the module docstring); returns a summary dict.
 
     size: task-1 grid edge in voxels (240 = the real grid; the default 96 = 2.5 mm voxels keeps the demo fast) and
-    the DICOM matrix scale (MATRICES x size / 240). slices: (min, max) slices per series.
+    the DICOM matrix scale (MATRICES x size / 240). slices: (min, max) slices per series. signal: MGMT separation of
+    the rim feature in noise SDs (0 = no signal). Timing on one core: the default 20 patients take ~20 s (~70 MB);
+    at --size 240 a task-1 case takes ~7 s and a full-matrix series ~1 s.
     """
     t0 = time.perf_counter()
     out = Path(out)
