@@ -1,0 +1,1 @@
+"""Readers for medical image formats: DICOM, NIfTI."""

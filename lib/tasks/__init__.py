@@ -1,0 +1,1 @@
+"""Task packages: one per competition, each declaring its spec, stages and phantom."""
