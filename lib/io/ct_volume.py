@@ -188,7 +188,7 @@ def _check_gaps(study: Path, numbers: Sequence[int], positions: np.ndarray, n_dr
     if np.any(steps < 1e-3):
         i = int(np.argmin(steps))
         raise StudyError(study, "duplicate_position", f"two slices at {positions[i]:.3f} mm along the normal")
-    dz = float(np.median(steps))
+    dz = round(float(np.median(steps)), 6)
     holes = int(np.sum(np.rint(steps / dz) - 1))
     if holes > n_dropped:
         i = int(np.argmax(steps))

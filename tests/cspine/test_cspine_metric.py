@@ -32,7 +32,7 @@ def test_hand_worked_example():
     # s2: A y=0 p=1-1/e -> ll=-ln(1/e)=1, w=1; B y=1 p=1/e^2 -> ll=2, w=14.  (1*1 + 14*2) / 15 = 29/15 = 1.933333
     # per study = (ln2 + 29/15) / 2 = 1.313240;  pooled = (9 ln2 + 29) / (9 + 15) = 1.468264
     truth = pd.DataFrame({"sid": ["s1", "s2"], "A": [1, 0], "B": [0, 1]})
-    pred = pd.DataFrame({"sid": ["s2", "s1"], "A": [1 - 1 / math.e, 0.5], "B": [math.e ** -2, 0.5]})  # keyed, not by row
+    pred = pd.DataFrame({"sid": ["s2", "s1"], "A": [1 - 1 / math.e, 0.5], "B": [math.e ** -2, 0.5]})  # keyed by sid
     args = (truth, pred, ["A", "B"], {"A": 2, "B": 14}, {"A": 1, "B": 7}, "sid")
     assert study_weighted_logloss(*args) == pytest.approx((math.log(2) + 29 / 15) / 2, abs=1e-12)
     assert study_weighted_logloss(*args, per_group=False) == pytest.approx((9 * math.log(2) + 29) / 24, abs=1e-12)
