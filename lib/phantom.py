@@ -18,7 +18,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyError:
         print(f"error: unknown task {name!r}; tasks: {', '.join(task_names())}", file=sys.stderr)
         return 2
-    return spec.phantom_main(args)
+    try:
+        return spec.phantom_main(args)
+    except (ValueError, FileExistsError) as exc:  # bad options or a foreign output folder: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

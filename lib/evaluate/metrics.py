@@ -6,6 +6,8 @@
 - `weighted_bce_with_logits(logits, y, weights, mask)`: the same quantity on logits in torch, the training loss of
   every stage (no clipping: log-sigmoid is exact), optionally over the unmasked rows only.
 - `mean_auc(y, p)`: mean ROC AUC over the labels that have both classes.
+- `study_weighted_log_loss`: the weighted log loss normalised within each study, then averaged over studies
+  (`lib.evaluate.study_logloss`; RSNA 2022 cervical spine), on wide truth / prediction tables.
 
 The OOF report, blend fitting, the ensemble, the fastai validation metrics and the training losses all call these.
 """
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.evaluate.study_logloss import study_weighted_logloss
 from lib.registry import Registry
 
 EPS = 1e-6
@@ -59,6 +62,9 @@ def weighted_mean(per_class: np.ndarray, weights: Sequence[float]) -> float:
 def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray, weights: Sequence[float], eps: float = EPS) -> float:
     """(N, L) labels and probabilities, (L,) weights -> sum_l(w_l * ll_l) / sum(w), ll_l the mean over rows."""
     return weighted_mean(per_class_log_loss(y_true, y_pred, eps), weights)
+
+
+METRICS.add("study_weighted_log_loss", study_weighted_logloss)
 
 
 @METRICS.register("mean_auc")

@@ -114,6 +114,10 @@ def load_params(path: Path) -> RunConfig:
     except KeyError:
         raise ParamsError(f"{path}: unknown task {name!r}; valid tasks: {task_names()}") from None
     pipeline = list(task.stages)
+    if not pipeline:
+        raise ParamsError(f"{path}: task {task.name!r} has no pipeline stages yet (built so far: its data generator "
+                          f"`python -m lib.phantom {task.name}` and readers); tasks with stages: "
+                          f"{[t for t in task_names() if get_task(t).stages]}")
     stages = raw.get("stages") or {}
     if not isinstance(stages, dict) or not stages:
         raise ParamsError(f"{path}: `stages` must map stage names to parameter overrides; "

@@ -17,7 +17,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 #: The tasks this repo ships (a package lib/tasks/<name>/ with a spec.py each); `ich` is the default.
-TASKS: Tuple[str, ...] = ("ich",)
+TASKS: Tuple[str, ...] = ("ich", "brats", "cspine")
 DEFAULT_TASK = "ich"
 
 

@@ -6,22 +6,17 @@ grader) is `mean over studies of (sum_j w_j ll_j / sum_j w_j)` over the study's 
 is the pooled `sum w ll / sum w` over all rows, kept for comparison (the prior baseline on the real train.csv
 scores 0.5638 per study vs 0.6127 pooled).
 
-The core functions are generic (labels, weights and grouping are arguments); `cspine_score` is the thin wrapper
-for the competition's `row_id,fractured` submissions with vertebra weights 1/2 and `patient_overall` weights 7/14.
+Everything here is generic (labels, weights and grouping are arguments); the cervical-spine wrapper with its labels
+and weights (vertebrae 1/2, `patient_overall` 7/14) is `lib.tasks.cspine.metric`.
 """
 from __future__ import annotations
 
-import re
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 EPS = 1e-15
-CSPINE_LABELS: Tuple[str, ...] = tuple(f"C{i}" for i in range(1, 8)) + ("patient_overall",)
-CSPINE_NEG_WEIGHTS = {**{f"C{i}": 1.0 for i in range(1, 8)}, "patient_overall": 7.0}
-CSPINE_POS_WEIGHTS = {**{f"C{i}": 2.0 for i in range(1, 8)}, "patient_overall": 14.0}
-CSPINE_GROUP = "StudyInstanceUID"
 
 
 def binary_logloss(y: np.ndarray, p: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -67,7 +62,7 @@ def wide_to_long(frame: pd.DataFrame, labels: Sequence[str], group: str) -> pd.D
 
 def study_weighted_logloss(truth: pd.DataFrame, pred: pd.DataFrame, labels: Sequence[str],
                            pos_weights: Mapping[str, float], neg_weights: Mapping[str, float],
-                           group: str = CSPINE_GROUP, per_group: bool = True, eps: float = EPS) -> float:
+                           group: str, per_group: bool = True, eps: float = EPS) -> float:
     """Weighted log loss of wide `pred` against wide `truth` (one row per `group` value, one column per label).
 
     Rows are matched by the `group` key, never by position; a group in `truth` without a prediction raises KeyError.
@@ -88,36 +83,3 @@ def study_weighted_logloss(truth: pd.DataFrame, pred: pd.DataFrame, labels: Sequ
     if per_group:
         return grouped_weighted_logloss(y, p, w, t[group].to_numpy(), eps)
     return global_weighted_logloss(y, p, w, eps)
-
-
-def submission_to_wide(sub: pd.DataFrame, labels: Sequence[str] = CSPINE_LABELS, group: str = CSPINE_GROUP,
-                       value: str = "fractured") -> pd.DataFrame:
-    """`row_id,<value>` rows with row_id `<group id>_<label>` -> one row per group id with a column per label."""
-    if "row_id" not in sub.columns or value not in sub.columns:
-        raise KeyError(f"submission needs columns row_id and {value}; has {list(sub.columns)}")
-    pattern = "^(.+)_(" + "|".join(re.escape(label) for label in labels) + ")$"
-    parts = sub["row_id"].astype(str).str.extract(pattern)
-    if parts.isna().any(axis=None):
-        bad = sub["row_id"][parts[0].isna()].tolist()[:3]
-        raise ValueError(f"row_id must be <{group}>_<label> with label in {list(labels)}; bad: {bad}")
-    long = pd.DataFrame({group: parts[0], "label": parts[1], value: sub[value].astype(float)})
-    if long.duplicated([group, "label"]).any():
-        raise ValueError("submission repeats a row_id")
-    return long.pivot(index=group, columns="label", values=value).reset_index().rename_axis(columns=None)
-
-
-def cspine_score(truth: pd.DataFrame, submission: pd.DataFrame, per_study: bool = True,
-                 eps: float = EPS) -> float:
-    """The RSNA 2022 score of a `row_id,fractured` submission against a train.csv-format truth table."""
-    return study_weighted_logloss(truth, submission_to_wide(submission), CSPINE_LABELS, CSPINE_POS_WEIGHTS,
-                                  CSPINE_NEG_WEIGHTS, CSPINE_GROUP, per_group=per_study, eps=eps)
-
-
-def cspine_prior_baseline(truth: pd.DataFrame, reference: Optional[pd.DataFrame] = None) -> Tuple[float, float]:
-    """(per-study, pooled) score of predicting each label's prevalence in `reference` (default: `truth`) for all."""
-    reference = truth if reference is None else reference
-    pred = truth[[CSPINE_GROUP]].copy()
-    for label in CSPINE_LABELS:
-        pred[label] = float(reference[label].mean())
-    args = (truth, pred, CSPINE_LABELS, CSPINE_POS_WEIGHTS, CSPINE_NEG_WEIGHTS, CSPINE_GROUP)
-    return study_weighted_logloss(*args, per_group=True), study_weighted_logloss(*args, per_group=False)
