@@ -103,3 +103,21 @@ def test_images_without_a_prediction_get_the_prior_and_are_counted(tmp_path: Pat
     np.testing.assert_allclose(filled.loc[IDS[0]].to_numpy(), prior.to_numpy())
     write_submission(filled, tmp_path / "submission.csv", sample)  # now a valid submission
     assert fill_missing(filled, sample, prior)[1] == 0
+
+
+def test_one_unreadable_list_and_cache_rejects_leave_training(tmp_path: Path):
+    """A labelled file that passed the header pass but whose pixels the cache rejected used to crash training with
+    "image ... is not in cache": it now leaves the index that folds and training read, and is listed once."""
+    from lib.paths import RunPaths
+    from lib.tasks.ich import pipeline
+
+    rp = RunPaths.at(tmp_path / "run")
+    pd.DataFrame({"path": ["/d/ID_bad0.dcm"], "reason": ["not DICOM"]}).to_csv(rp.bad_files("train"), index=False)
+    cache = tmp_path / "run" / "cache" / "k"
+    cache.mkdir(parents=True)
+    pd.DataFrame({"image_id": ["ID_b"], "path": ["/d/ID_b.dcm"], "reason": ["DicomError: pixel data too long"]}
+                 ).to_csv(cache / "bad.csv", index=False)
+    index = pd.DataFrame({"image_id": ["ID_a", "ID_b", "ID_c"], "path": ["a", "b", "c"]})
+    assert pipeline.usable_index(index, rp, cache)["image_id"].tolist() == ["ID_a", "ID_c"]
+    bad = pipeline.unreadable(rp, cache)
+    assert bad["stage"].tolist() == ["index", "cache"] and bad["image_id"].iloc[1] == "ID_b"

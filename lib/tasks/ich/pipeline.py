@@ -143,3 +143,25 @@ def cnn_predictions(rp: RunPaths, folds: pd.DataFrame) -> Optional[Dict[str, pd.
         test = mean_frames(frames)
         test.index.name = "image_id"
     return {"oof": oof, "test": test}
+
+
+def unreadable(rp: RunPaths, cache_dir: Optional[Path] = None) -> pd.DataFrame:
+    """The run's one list of files no stage can use: the header index's bad files (split, path, reason) and the
+    images the cache build rejected (its bad.csv: pixel data that does not decode), with `image_id` where known."""
+    frames = []
+    for split in ("train", "test"):
+        b = bad_files(rp, split)
+        if len(b):
+            frames.append(b.assign(split=split, stage="index"))
+    cache_bad = Path(cache_dir) / "bad.csv" if cache_dir is not None else None
+    if cache_bad is not None and cache_bad.is_file():
+        frames.append(pd.read_csv(cache_bad, dtype=str).assign(stage="cache"))
+    cols = ["image_id", "split", "path", "reason", "stage"]
+    return pd.concat(frames, ignore_index=True).reindex(columns=cols) if frames else pd.DataFrame(columns=cols)
+
+
+def usable_index(index: pd.DataFrame, rp: RunPaths, cache_dir: Path) -> pd.DataFrame:
+    """Index rows whose image the cache holds: images the cache build rejected are left out (and counted by
+    `unreadable`), so training, embedding and folds never ask the cache for them."""
+    bad = set(unreadable(rp, cache_dir)["image_id"].dropna())
+    return index[~index["image_id"].isin(bad)].reset_index(drop=True)
