@@ -193,3 +193,45 @@ def test_resume_after_a_finished_run_does_nothing_however_often(toy_pipeline, ca
         assert runner.main([str(p), "--data", str(data), "--out", str(out), "--resume"]) == 0
         assert not (out / "a_8_0.txt").exists()
     assert capsys.readouterr().out.count("already done") == 4
+
+
+def test_killing_the_runner_stops_its_stage_kernel(toy_pipeline, tmp_path):
+    """SIGTERM to the runner used to leave the stage's kernel running the notebook to the end."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    tmp, data = toy_pipeline
+    nbs = tmp / "nbs"
+    _nb(nbs / "a.ipynb", 'data_dir: str = ""\nrun_dir: str = ""\nseed: int = 0\nsize: int = 8',
+        "import os, time\nfrom pathlib import Path\nPath(run_dir, 'kernel.pid').write_text(str(os.getpid()))\n"
+        "time.sleep(120)\nPath(run_dir, 'finished').write_text('x')")
+    p = _params(tmp, {"stages": {"a": {}}})
+    out = tmp / "out"
+    code = (f"import dataclasses, sys; from pathlib import Path; from lib.run import params, runner; "
+            f"from lib.tasks import get_task; "
+            f"toy = dataclasses.replace(get_task('ich'), name='toy', stages={{'a': 'a.ipynb'}}, "
+            f"notebook_root=Path({str(nbs)!r})); params.get_task = lambda name='ich': toy; "
+            f"sys.exit(runner.main([{str(p)!r}, '--data', {str(data)!r}, '--out', {str(out)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=runner.REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pid_file = out / "kernel.pid"
+    deadline = time.time() + 120
+    while not pid_file.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert pid_file.exists(), proc.communicate(timeout=30)
+    kernel = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "SIGTERM" in err
+    for _ in range(100):
+        try:
+            os.kill(kernel, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"kernel {kernel} still running after the runner was stopped")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["stages"][0]["status"] == "failed" and not (out / "finished").exists()
