@@ -19,7 +19,7 @@ from scipy.special import expit
 from lib.train import embed
 from lib import ensemble
 from lib.tasks.ich import pipeline
-from lib.sequence import strategies as seq_train
+from lib.sequence.config import SeqConfig, resolve_device, slice_vectors
 from lib.imaging import windowing
 from lib.kaggle.bundle import Bundle, BundleError
 from lib.data.datasets import neighbours
@@ -105,14 +105,14 @@ def seq_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, strategy: str, d
              progress: bool = True) -> pd.DataFrame:
     """A sequence strategy's test probabilities (wide), averaged like `train_sequence` averages them."""
     entry = bundle.manifest["sequence"][strategy]
-    cfg = seq_train.SeqConfig.from_dict({**entry["config"], "device": device, "progress": progress})
-    dev = seq_train.resolve_device(cfg.device)
+    cfg = SeqConfig.from_dict({**entry["config"], "device": device, "progress": progress})
+    dev = resolve_device(cfg.device)
     sets = {k: open_embedding_set(rp.root, "test", k) for k in bundle.manifest["cnn"]["folds"]}
     per_fold: Dict[int, List[pd.DataFrame]] = {}
     for m in entry["models"]:
         models = load_models(bundle.path(m["file"]), dev)
         for k in m["cnn_folds"]:
-            ds = SeriesDataset(index, seq_train.slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
+            ds = SeriesDataset(index, slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
                                cfg.series_key, spacing_scale=cfg.spacing_scale)
             per_fold.setdefault(k, []).append(predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip,
                                                             progress=progress))
