@@ -1,6 +1,6 @@
 """Blending of wide prediction tables (index image_id, SUBTYPES probability columns) by registry name.
 
-Blends are probability averages (rank-free; anchors 8.10). "weighted" tunes non-negative weights summing to 1 on OOF
+Blends are probability averages (never rank averages). "weighted" tunes non-negative weights summing to 1 on OOF
 by minimising `lib.metrics.weighted_log_loss` (convex in the weights: SLSQP from the uniform start, checked against
 every single input); "weighted_per_class" does the same per label column (the metric is separable by column).
 """
