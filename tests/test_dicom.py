@@ -13,12 +13,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from lib.io import dicom
-from lib.io.dicom import DicomError
+from lib.io import dicom, dicom_index
+from lib.io.dicom import DicomError, lenient_reading
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
+@lenient_reading()  # the RSNA files' `ID_...` strings in UI fields, without a pydicom warning per element
 def write_ct(path: Path, pixels: np.ndarray, *, sop: str = "ID_000000001", series: str = "ID_s1",
              ipp: Sequence[float] = (0.0, 0.0, 0.0), iop: Sequence[float] = AXIAL, bits_stored: int = 0,
              pixrep: int = -1, intercept: float = -1024.0, slope: float = 1.0, photometric: str = "MONOCHROME2",
@@ -99,9 +100,9 @@ def test_missing_intercept_reads_as_zero_but_index_flags_it(tmp_path: Path) -> N
     raw = np.array([[-1000, 40]], dtype=np.int16)
     path = write_ct(tmp_path / "a.dcm", raw, drop=["RescaleIntercept"])
     np.testing.assert_array_equal(dicom.read_hu(path), raw.astype(np.float32))
-    idx = dicom.index([path], progress=False)
+    idx = dicom_index.index([path], progress=False)
     assert len(idx) == 0
-    assert "missing RescaleIntercept" in dicom.bad_files_table(idx)["reason"].iloc[0]
+    assert "missing RescaleIntercept" in dicom_index.bad_files_table(idx)["reason"].iloc[0]
 
 
 def test_colour_and_8bit_rejected(tmp_path: Path) -> None:
@@ -159,11 +160,11 @@ def test_index_schema_and_values(tmp_path: Path) -> None:
     write_ct(tmp_path / "a" / "sub" / "ID_UPPER.DCM", tiny(), sop="ID_upper", series="ID_s2", wc="40", ww="80",
              syntax=ImplicitVRLittleEndian)
     (tmp_path / "a" / "readme.txt").write_text("ignored: not *.dcm")
-    idx = dicom.index(tmp_path / "a", progress=False)
-    expected = {**dicom.INDEX_COLUMNS, **dicom.ORDER_COLUMNS}
+    idx = dicom_index.index(tmp_path / "a", progress=False)
+    expected = {**dicom_index.INDEX_COLUMNS, **dicom_index.ORDER_COLUMNS}
     assert list(idx.columns) == list(expected)
     assert {c: str(t) for c, t in idx.dtypes.items()} == expected
-    assert len(idx) == 4 and dicom.bad_files_table(idx).empty
+    assert len(idx) == 4 and dicom_index.bad_files_table(idx).empty
     row = idx.set_index("image_id").loc["ID_s1001"]
     assert row["ipp_z"] == 5.0 and row["pos_normal"] == 5.0 and row["window_center"] == 36.0
     assert row["window_width"] == 80.0 and row["intercept"] == -1024.0 and row["rows"] == 4
@@ -174,7 +175,7 @@ def test_index_schema_and_values(tmp_path: Path) -> None:
 
 def test_missing_window_is_nan(tmp_path: Path) -> None:
     path = write_ct(tmp_path / "a.dcm", tiny(), drop=["WindowCenter", "WindowWidth", "PixelSpacing"])
-    idx = dicom.index([path], progress=False)
+    idx = dicom_index.index([path], progress=False)
     assert math.isnan(idx["window_center"].iloc[0]) and math.isnan(idx["window_width"].iloc[0])
     assert math.isnan(idx["pixel_spacing_row"].iloc[0])
 
@@ -199,9 +200,9 @@ def test_bad_files_listed_with_reasons(tmp_path: Path) -> None:
     (root / "ID_rle.dcm").write_bytes((tmp_path / "rle_full.dcm").read_bytes()[:-30])
 
     out = tmp_path / "run" / "index" / "train.parquet"
-    idx = dicom.index(root, out=out, progress=False)
+    idx = dicom_index.index(root, out=out, progress=False)
     assert sorted(idx["path"]) == sorted(str(p) for p in good)
-    bad = dicom.bad_files_table(idx).set_index("path")["reason"]
+    bad = dicom_index.bad_files_table(idx).set_index("path")["reason"]
     reasons = {Path(p).name: r for p, r in bad.items()}
     assert set(reasons) == {"ID_text.dcm", "ID_trunc.dcm", "ID_head.dcm", "ID_noipp.dcm", "ID_noicpt.dcm",
                             "ID_rgb.dcm", "zz_copy.dcm", "ID_rle.dcm", "ID_short.dcm"}
@@ -221,23 +222,23 @@ def test_bad_files_listed_with_reasons(tmp_path: Path) -> None:
 
 def test_index_inputs(tmp_path: Path) -> None:
     files = make_series(tmp_path, 2)
-    idx = dicom.index([str(files[1]), files[0], tmp_path / "gone.dcm"], progress=False,
+    idx = dicom_index.index([str(files[1]), files[0], tmp_path / "gone.dcm"], progress=False,
                       bad_out=tmp_path / "bad.csv")
     assert list(idx["image_id"]) == ["ID_s1000", "ID_s1001"]
     assert pd.read_csv(tmp_path / "bad.csv")["reason"].tolist() == ["file not found"]
     with pytest.raises(FileNotFoundError, match="not found"):
-        dicom.index(tmp_path / "nope", progress=False)
+        dicom_index.index(tmp_path / "nope", progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no \*\.dcm"):
-        dicom.index(tmp_path / "empty", progress=False)
+        dicom_index.index(tmp_path / "empty", progress=False)
 
 
 def test_parallel_equals_serial(tmp_path: Path) -> None:
     for s in range(3):
         make_series(tmp_path, 4, series=f"ID_s{s}")
     (tmp_path / "bad.dcm").write_text("x")
-    serial = dicom.index(tmp_path, workers=1, progress=False)
-    parallel = dicom.index(tmp_path, workers=2, chunksize=2, progress=False)
+    serial = dicom_index.index(tmp_path, workers=1, progress=False)
+    parallel = dicom_index.index(tmp_path, workers=2, chunksize=2, progress=False)
     pd.testing.assert_frame_equal(serial, parallel)
     assert serial.attrs["bad_files"] == parallel.attrs["bad_files"] and len(serial.attrs["bad_files"]) == 1
 
@@ -255,7 +256,7 @@ def test_gantry_tilt_orders_along_normal(tmp_path: Path, in_plane_shift: float) 
     random.Random(0).shuffle(order)  # image ids / file names unrelated to position
     for name_rank, k in enumerate(order):
         write_ct(tmp_path / f"ID_{name_rank:03d}.dcm", tiny(k), sop=f"ID_{name_rank:03d}", ipp=ipps[k], iop=iop)
-    idx = dicom.index(tmp_path, progress=False)
+    idx = dicom_index.index(tmp_path, progress=False)
     truth = [f"ID_{order.index(k):03d}" for k in range(6)]
     assert list(idx.sort_values("slice_idx")["image_id"]) == truth
     z = idx.sort_values("slice_idx")["ipp_z"].to_numpy()
@@ -276,7 +277,7 @@ def frame(rows: list) -> pd.DataFrame:
 def test_order_ties_are_deterministic_with_zero_spacing() -> None:
     df = frame([("S", "ID_c", 10.0), ("S", "ID_b", 5.0), ("S", "ID_a", 5.0), ("T", "ID_z", 1.0)])
     for shuffled in (df, df.iloc[::-1], df.sample(frac=1.0, random_state=3)):
-        out = dicom.order_slices(shuffled)
+        out = dicom_index.order_slices(shuffled)
         assert list(out["image_id"]) == ["ID_a", "ID_b", "ID_c", "ID_z"]
         assert list(out["slice_idx"]) == [0, 1, 2, 0] and list(out["n_slices"]) == [3, 3, 3, 1]
         assert list(out["spacing_prev"]) == [0.0, 0.0, 5.0, 0.0]
@@ -285,14 +286,14 @@ def test_order_ties_are_deterministic_with_zero_spacing() -> None:
 
 
 def test_order_float_noise_does_not_beat_tie_break() -> None:
-    out = dicom.order_slices(frame([("S", "ID_a", 5.0 + 1e-9), ("S", "ID_b", 5.0)]))
+    out = dicom_index.order_slices(frame([("S", "ID_a", 5.0 + 1e-9), ("S", "ID_b", 5.0)]))
     assert list(out["image_id"]) == ["ID_a", "ID_b"] and list(out["spacing_next"]) == [0.0, 0.0]
 
 
 def test_order_slices_is_idempotent_and_checks_columns() -> None:
     df = frame([("S", f"ID_{i}", float(-i)) for i in range(5)])
-    once = dicom.order_slices(df)
-    pd.testing.assert_frame_equal(dicom.order_slices(once.sample(frac=1.0, random_state=1)), once)
+    once = dicom_index.order_slices(df)
+    pd.testing.assert_frame_equal(dicom_index.order_slices(once.sample(frac=1.0, random_state=1)), once)
     assert list(once["image_id"]) == [f"ID_{i}" for i in range(4, -1, -1)]
     with pytest.raises(KeyError, match="pos_normal"):
-        dicom.order_slices(df.drop(columns="pos_normal"))
+        dicom_index.order_slices(df.drop(columns="pos_normal"))

@@ -148,3 +148,24 @@ def test_export_checks_mode_and_arch(tmp_path):
         load_model(tmp_path / "best.pth", "convnext_atto", torch.device("cpu"))
     with pytest.raises(KeyError, match="valid names"):
         export_embeddings(tmp_path / "best.pth", ARCH, tmp_path / "cache", ["ID_a"], tmp_path / "x", tta=("rot90",))
+
+
+def test_export_normalises_like_training(tmp_path):
+    """The checkpoint cfg's `norm` (TrainConfig.norm) is the one the export normalises with."""
+    ids = ["ID_a", "ID_b"]
+    write_cache(tmp_path / "cache", ids)
+    model = save_model(tmp_path / "best.pth", seed=1)
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=True)
+    ckpt["cfg"]["norm"] = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.save(ckpt, tmp_path / "half.pth")
+    res = export_embeddings(tmp_path / "half.pth", ARCH, tmp_path / "cache", ids, tmp_path / "e" / "x", tta=("orig",),
+                            device="cpu")
+    from lib.data.datasets import ImageDataset
+    def logits(**norm) -> np.ndarray:
+        ds = ImageDataset(tmp_path / "cache", ids, **norm)
+        with torch.no_grad():
+            return model(torch.stack([ds[i]["image"] for i in range(len(ds))])).numpy()
+
+    got, want, imagenet = np.load(res["logits"]).astype(np.float32), logits(mean=(0.5,) * 3, std=(0.25,) * 3), logits()
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
+    assert np.abs(got - imagenet).max() > 10 * np.abs(got - want).max()

@@ -100,3 +100,42 @@ def test_input_norm_follows_the_weights() -> None:
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert input_norm("resnext101_wsl") == input_norm("resnext101_32x8d.fb_wsl_ig1b_ft_in1k") == imagenet
     assert input_norm("vit_tiny_patch16_224") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_norm_stats_come_from_the_models_timm_config() -> None:
+    """0.5/0.5 models get 0.5/0.5 (the zoo lookup gave every backbone ImageNet's); the ResNets keep ImageNet's."""
+    from lib.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from lib.models.factory import norm_stats
+
+    vit = create_model("vit_tiny_patch16_224", img_size=32, patch_size=16)
+    assert norm_stats(vit) == norm_stats("vit_tiny_patch16_224") == HALF
+    assert norm_stats(create_model("inception_v3")) == HALF
+    for arch in ("resnet18", "resnet10t"):  # the demo's stats, unchanged
+        assert norm_stats(create_model(arch)) == norm_stats(arch) == (IMAGENET_MEAN, IMAGENET_STD) == IMAGENET
+
+
+def test_norm_override_wins() -> None:
+    from lib.models.factory import norm_stats
+
+    vit = create_model("vit_tiny_patch16_224", img_size=32, patch_size=16)
+    assert norm_stats(vit, "imagenet") == IMAGENET
+    assert norm_stats("resnet18", {"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]}) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        norm_stats("resnet18", "dataset")
+    with pytest.raises(ValueError, match="std > 0"):
+        norm_stats("resnet18", {"mean": [0.5] * 3, "std": [0.0] * 3})
+    with pytest.raises(ValueError, match="'mean' and 'std'"):
+        norm_stats("resnet18", {"mean": [0.5] * 3})
+
+
+def test_train_config_carries_the_norm() -> None:
+    from lib.train.fit import TrainConfig
+
+    assert TrainConfig().norm == "timm"
+    assert TrainConfig(norm={"mean": [0.5] * 3, "std": [0.5] * 3}).norm["std"] == [0.5] * 3
+    with pytest.raises(ValueError, match="norm must be one of"):
+        TrainConfig(norm="dataset")

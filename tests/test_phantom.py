@@ -14,7 +14,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from lib.io.dicom import DicomError, dataset_to_hu, read_dataset, read_hu
+from lib.io.dicom import DicomError, dataset_to_hu, lenient_reading, read_dataset, read_hu
 from lib.tasks.ich.labels import SUBTYPES, read_labels
 from lib.tasks.ich.phantom import ENCODINGS, dicom_bytes, encode_hu, generate, main, plan_dataset
 
@@ -44,12 +44,13 @@ def headers(ds_dir: Path, manifest: dict) -> pd.DataFrame:
     for path in sorted(ds_dir.glob("stage_2_*/*.dcm")):
         if path.stem in manifest["corrupt"]:
             continue
-        d = read_dataset(path, stop_before_pixels=True)
-        rows.append(dict(file=path.stem, split=path.parent.name, sop=str(d.SOPInstanceUID), patient=str(d.PatientID),
-                         study=str(d.StudyInstanceUID), series=str(d.SeriesInstanceUID),
-                         ipp=[float(v) for v in d.ImagePositionPatient],
-                         iop=[float(v) for v in d.ImageOrientationPatient], rows=int(d.Rows), cols=int(d.Columns),
-                         thickness="SliceThickness" in d, instance="InstanceNumber" in d))
+        with lenient_reading():  # the ID_... UIDs are converted here, after read_dataset returned
+            d = read_dataset(path, stop_before_pixels=True)
+            rows.append(dict(file=path.stem, split=path.parent.name, sop=str(d.SOPInstanceUID),
+                             patient=str(d.PatientID), study=str(d.StudyInstanceUID), series=str(d.SeriesInstanceUID),
+                             ipp=[float(v) for v in d.ImagePositionPatient],
+                             iop=[float(v) for v in d.ImageOrientationPatient], rows=int(d.Rows),
+                             cols=int(d.Columns), thickness="SliceThickness" in d, instance="InstanceNumber" in d))
     return pd.DataFrame(rows)
 
 

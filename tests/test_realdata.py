@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.io import dicom
+from lib.io import dicom, dicom_index
 from lib.tasks.ich.labels import SUBTYPES, read_labels
 
 pytestmark = pytest.mark.realdata
@@ -29,7 +29,7 @@ def manifest(real_dir: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def idx(real_dir: Path) -> pd.DataFrame:
-    return dicom.index(real_dir, workers=2, progress=False)
+    return dicom_index.index(real_dir, workers=2, progress=False)
 
 
 def rel(real_dir: Path, paths: pd.Series) -> list:
@@ -77,7 +77,7 @@ def test_j2k_pixel_representation_mismatch(real_dir: Path) -> None:
 
 
 def test_index_covers_every_file(real_dir: Path, manifest: pd.DataFrame, idx: pd.DataFrame) -> None:
-    bad = dicom.bad_files_table(idx)
+    bad = dicom_index.bad_files_table(idx)
     indexed, rejected = set(rel(real_dir, idx["path"])), dict(zip(rel(real_dir, bad["path"]), bad["reason"]))
     assert indexed.isdisjoint(rejected)
     assert indexed | set(rejected) == set(manifest["file"])

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op 
 TINY = dict(arch="resnet18", img_size=32, pretrained_weights=None, mode="single", aug="light", epochs=1, lr=3e-3,
             wd=1e-2, bs=4, schedule="one_cycle", opt="adamw", neg_frac=1.0, seed=0, mixed_precision="auto",
             channels_last=False, drop_rate=0.0, pct_start=0.25, warmup_pct=0.05, max_train_items=None,
-            max_valid_items=None, patience=None, num_workers=0)
+            max_valid_items=None, patience=None, num_workers=0, norm="timm")
 
 
 def make_data(root: Path, n: int = 18, n_folds: int = 3, size: int = 40, seed: int = 0):

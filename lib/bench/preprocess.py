@@ -11,7 +11,7 @@ is imported, so `preprocess` runs, and forks its workers, without torch in the p
 `preprocess` times, on the same N 512x512 files of DIR/stage_2_train (OS file cache warmed first; `--repeat`
 rounds that each run every variant once, interleaved; the fastest of each is reported; images/s):
   ceiling_ips        pydicom dcmread + pixel_array only, one process (decode cannot get faster than this);
-  naive_ips          the anchors' way (NoBrainer/Appian): dcmread -> float64 HU -> 3 windows at full 512 px,
+  naive_ips          the 2019 solutions' way (NoBrainer/Appian): dcmread -> float64 HU -> 3 windows at full 512 px,
                      each scaled by its own window, minus its min, x255 -> cv2.resize -> cv2.imwrite PNG, one process;
   ours_1proc_ips     `lib.windowing.build_cache` with workers=1 into a fresh folder;
   ours_parallel_ips  the same with `--workers` processes (default all cores), fresh folder, starting and
@@ -42,10 +42,10 @@ import cv2
 import numpy as np
 import pydicom
 
-from lib.io.dicom import DicomError, read_hu
+from lib.io.dicom import DicomError, lenient_reading, read_hu
 from lib.tasks.ich.data import CompetitionData
 
-NAIVE_WINDOWS = ((40, 80), (80, 200), (40, 380))  # (center, width) HU, as in the anchors' scripts
+NAIVE_WINDOWS = ((40, 80), (80, 200), (40, 380))  # (center, width) HU, as in the 2019 solutions' scripts
 
 
 def pick_files(train_dir: Path, n: int, shape: tuple = (512, 512)) -> List[Path]:
@@ -66,14 +66,16 @@ def pick_files(train_dir: Path, n: int, shape: tuple = (512, 512)) -> List[Path]
 
 
 def _decode_only(files: Sequence[Path]) -> None:
-    for f in files:
-        pydicom.dcmread(f).pixel_array
+    with lenient_reading():
+        for f in files:
+            pydicom.dcmread(f).pixel_array
 
 
 def _naive_one(path: Path, out_dir: Path, size: int) -> None:
-    """The anchors' per-file conversion (2nd place `convert_dicom_to_jpg` style), written as PNG."""
-    ds = pydicom.dcmread(path)
-    img = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    """The 2019 solutions' per-file conversion (2nd place `convert_dicom_to_jpg` style), written as PNG."""
+    with lenient_reading():
+        ds = pydicom.dcmread(path)
+        img = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     chans = []
     for center, width in NAIVE_WINDOWS:
         lo, hi = center - width // 2, center + width // 2

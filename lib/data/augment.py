@@ -3,8 +3,9 @@
 Every recipe runs on the cached uint8 (H, W, 3) image and returns uint8 (img_size, img_size, 3); normalisation is
 the dataset's job. Recipes are functions `(img_size, **options) -> list of transforms`; `create_transform` passes
 keyword overrides to them, so `create_transform("appian", 256, rotate=20)` changes one option and an unknown option
-is a TypeError naming the valid ones. The geometric recipes follow the anchors (sections 1(c), 2(c), 3(c)); where
-the original used a transform that albumentations 2 no longer has, the nearest equivalent is noted.
+is a TypeError naming the valid ones. The geometric recipes follow the 2019 solutions' training code (`nobrainer`:
+2nd place, `appian`: 11th place, `seutao`: 1st place); where the original used a transform that albumentations 2 no
+longer has, the nearest equivalent is noted.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Cross-validation folds grouped by PatientID and stratified on the patients' label profile.
 
-The stage-2 test set shares no patient with train (anchors 0.3), so folds must be grouped by patient. Within that
+The stage-2 test set shares no patient with train, so folds must be grouped by patient. Within that
 constraint, patients are dealt to folds with the iterative stratification of Sechidis et al. (2011), applied to one
 binary vector per patient: "has at least one positive slice of subtype s" for the 6 labels, plus a "heavy" flag
 (more positive slices than the median positive patient) so the slice-level prevalence also balances. A fold's need

@@ -1,7 +1,7 @@
 """DICOM ingest: HU conversion with the RSNA header fixes.
 
 `read_hu` is the one place pixels become Hounsfield units. The header index (`index`) and slice order
-(`order_slices`) live in `lib.dicom_index` and are re-exported here (`from lib.dicom import index` works).
+(`order_slices`) live in `lib.io.dicom_index`, which builds on this module.
 
 Decoding: uncompressed data needs only numpy; JPEG Lossless / JPEG-LS / JPEG 2000 need the pylibjpeg plugins
 (`pylibjpeg-libjpeg`, `pylibjpeg-openjpeg`), RLE has pydicom's own decoder. JPEG 2000 streams whose signedness
@@ -12,20 +12,29 @@ representation will be converted to match"); we rely on that and a real-data tes
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import pydicom
-from pydicom.config import settings as _pydicom_settings
 from pydicom.errors import InvalidDicomError
 
 PathLike = Union[str, Path]
 
 HU_MIN, HU_MAX = -1024.0, 3071.0
 
-# RSNA files carry `ID_...` strings in UI fields: that is expected, not an error worth a warning per file.
-_pydicom_settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+@contextmanager
+def lenient_reading() -> Iterator[None]:
+    """pydicom's value validation off inside the block, the caller's settings restored after it.
+
+    RSNA files carry `ID_...` strings in UI fields: expected, not worth a warning per file. pydicom converts values
+    lazily, so values read from a dataset after the block validate under the caller's settings again.
+    """
+    with pydicom.config.disable_value_validation():
+        yield
 
 
 class DicomError(ValueError):
@@ -45,7 +54,10 @@ def _first(value: object, default: float) -> float:
 
 
 def needs_12bit_fix(bits_stored: int, pixel_representation: int, intercept: float) -> bool:
-    """The RSNA header bug (anchors 0.4.2): 12-bit unsigned storage of signed data with intercept > -100."""
+    """The RSNA header bug: 12-bit unsigned storage of signed data with intercept > -100.
+
+    Such files store raw values that wrap around 4096 under their near-zero intercept; `fix_12bit` repairs them.
+    """
     return int(bits_stored) == 12 and int(pixel_representation) == 0 and float(intercept) > -100
 
 
@@ -107,12 +119,17 @@ def _check_native_length(ds: pydicom.Dataset, source: str) -> None:
 
 
 def dataset_to_hu(ds: pydicom.Dataset, source: str = "<dataset>") -> np.ndarray:
-    """Decoded dataset -> float32 HU (rows, cols), clipped to [-1024, 3071].
+    """Decoded dataset -> float32 HU (rows, cols), clipped to [-1024, 3071] (header values read leniently).
 
     A missing RescaleIntercept is taken as 0 and a missing RescaleSlope as 1 (pydicom's and the DICOM default);
-    the header index (`lib.dicom_index.index`) lists files without RescaleIntercept as bad instead.
+    the header index (`lib.io.dicom_index.index`) lists files without RescaleIntercept as bad instead.
     MONOCHROME1 slices are mirrored about the mid-range of the slice (`max + min - hu`).
     """
+    with lenient_reading():
+        return _dataset_to_hu(ds, source)
+
+
+def _dataset_to_hu(ds: pydicom.Dataset, source: str) -> np.ndarray:
     if "PixelData" not in ds:
         raise DicomError(f"{source}: no PixelData element (not an image, or the file is truncated)")
     check_greyscale_slice(ds, source)
@@ -141,11 +158,12 @@ def dataset_to_hu(ds: pydicom.Dataset, source: str = "<dataset>") -> np.ndarray:
 def read_dataset(path: PathLike, stop_before_pixels: bool = False) -> pydicom.Dataset:
     """`pydicom.dcmread` with a DicomError naming the file and the kind of failure (not DICOM, truncated, ...).
 
-    FileNotFoundError is passed through unchanged.
+    FileNotFoundError is passed through unchanged. The read runs under `lenient_reading`; values accessed later
+    validate under the caller's pydicom settings (wrap the access in `lenient_reading()` to keep RSNA UIDs quiet).
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, lenient_reading():
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except FileNotFoundError:
@@ -184,11 +202,3 @@ def read_hu(path: PathLike) -> np.ndarray:
     """
     return dataset_to_hu(read_dataset(path), source=str(path))
 
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-export of the header index API (avoids a circular import with `lib.dicom_index`)."""
-    if name in ("index", "order_slices", "bad_files_table", "header_record", "list_dicom_files", "INDEX_COLUMNS",
-                "ORDER_COLUMNS", "BAD_COLUMNS"):
-        from lib.io import dicom_index
-        return getattr(dicom_index, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

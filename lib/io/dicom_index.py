@@ -1,9 +1,8 @@
 """Header index of a DICOM folder (one parallel header pass, no pixel decoding) and slice order along the normal.
 
-`index(dir)` -> one row per usable file (schema `INDEX_COLUMNS` + `ORDER_COLUMNS`, CONTRACTS "Header index
-schema"); files that cannot be used are listed with a human reason in `df.attrs["bad_files"]` (list of
+`index(dir)` -> one row per usable file (schema `INDEX_COLUMNS` + `ORDER_COLUMNS`, in that column order);
+files that cannot be used are listed with a human reason in `df.attrs["bad_files"]` (list of
 `{"path", "reason"}` dicts; `bad_files_table(df)` gives them as a DataFrame) and in the bad-files CSV.
-Re-exported by `lib.dicom`.
 """
 from __future__ import annotations
 
@@ -21,7 +20,8 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from lib.progress import progress_bar
 
-from lib.io.dicom import DicomError, PathLike, describe_read_error, greyscale_problem, pixel_bytes
+from lib.io.dicom import (DicomError, PathLike, describe_read_error, greyscale_problem, lenient_reading,
+                          pixel_bytes)
 from lib.paths import atomic_write
 
 #: Columns written by the header pass, in order, with their pandas dtypes ("str" = pandas' default string dtype).
@@ -212,7 +212,7 @@ def header_record(path: PathLike) -> tuple:
     """Read one file's header (no pixel decoding) -> tuple in INDEX_COLUMNS order, or DicomError with the reason."""
     path = os.path.abspath(path)
     try:
-        with open(path, "rb") as fp:
+        with open(path, "rb") as fp, lenient_reading():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(fp, stop_before_pixels=True)

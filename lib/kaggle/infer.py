@@ -3,7 +3,7 @@
 The bundle comes from a packaged weights folder, an attached Kaggle dataset, or straight from a finished run
 (`lib.bundle.load_bundle`). Every model goes through the same `lib` code as the training run:
 `lib.windowing.build_cache`, `lib.embed.export_embeddings` (per CNN fold, the run's TTA), `lib.sequence.predict_probs`
-(per strategy, averaged like `lib.seq_train.train_sequence` averages its test predictions), `lib.ensemble.blend`,
+(per strategy, averaged by its test rule in `lib.sequence.config.TEST_RULES`, as in training), `lib.ensemble.blend`,
 `lib.submission.write_submission`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from scipy.special import expit
 from lib.train import embed
 from lib import ensemble
 from lib.tasks.ich import pipeline
-from lib.sequence import strategies as seq_train
+from lib.sequence.config import TEST_RULES, SeqConfig, TestPreds, resolve_device, slice_vectors
 from lib.imaging import windowing
 from lib.kaggle.bundle import Bundle, BundleError
 from lib.data.datasets import neighbours
@@ -108,18 +108,18 @@ def seq_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, strategy: str, d
              progress: bool = True) -> pd.DataFrame:
     """A sequence strategy's test probabilities (wide), averaged like `train_sequence` averages them."""
     entry = bundle.manifest["sequence"][strategy]
-    rule = seq_train.STRATEGIES.get(strategy).test
+    rule = TEST_RULES.get(strategy)
     if entry["aggregate"] != rule.name:
         raise BundleError(f"bundle {bundle.source}: strategy {strategy!r} averages its test predictions by "
-                          f"{entry['aggregate']!r}, but lib.sequence.strategies registers {rule.name!r}")
-    cfg = seq_train.SeqConfig.from_dict({**entry["config"], "device": device, "progress": progress})
-    dev = seq_train.resolve_device(cfg.device)
+                          f"{entry['aggregate']!r}, but lib.sequence.config.TEST_RULES declares {rule.name!r}")
+    cfg = SeqConfig.from_dict({**entry["config"], "device": device, "progress": progress})
+    dev = resolve_device(cfg.device)
     sets = {k: open_embedding_set(rp.root, "test", k) for k in bundle.manifest["cnn"]["folds"]}
-    preds: seq_train.TestPreds = []
+    preds: TestPreds = []
     for m in entry["models"]:
         models = load_models(bundle.path(m["file"]), dev)
         for k in m["cnn_folds"]:
-            ds = SeriesDataset(index, seq_train.slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
+            ds = SeriesDataset(index, slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
                                cfg.series_key, spacing_scale=cfg.spacing_scale)
             preds.append((k, predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip, progress=progress)))
     return rule.average(preds)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config, resolve_model_data_config
 from timm.models import get_pretrained_cfg
 from torch import nn
 
@@ -19,7 +20,7 @@ PathLike = Union[str, Path]
 
 #: Readable names -> timm names (and notes). `create_model` accepts either. `solution_mean` / `solution_std` (RGB
 #: fractions of 255) record the *data-set* statistics the original solution normalised with, for reference only:
-#: the input normalisation that matches the pretrained weights is `input_norm(arch)`.
+#: the input normalisation that matches the pretrained weights is `norm_stats(arch)`.
 MODEL_ZOO: Dict[str, Dict[str, Any]] = {
     "resnext101_wsl": {"timm": "resnext101_32x8d.fb_wsl_ig1b_ft_in1k",
                        "note": "2nd place (NoBrainer) backbone at 480 px; Instagram WSL weights",
@@ -78,13 +79,51 @@ def create_model(arch: str, num_classes: int = 6, pretrained: bool = False, pret
     return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
 
 
+Norm = Union[str, Mapping[str, Sequence[float]]]
+NORMS = ("timm", "imagenet")
+
+
+def norm_stats(model: Union[nn.Module, str], norm: Norm = "timm") -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) RGB fractions of 255 the model's input is normalised with.
+
+    norm "timm": timm's data config of the model (`timm.data.resolve_model_data_config`: ImageNet's for the ResNets,
+    0.5/0.5 for ViT / Inception); for an arch name, timm's pretrained config of that arch (the same values, no model
+    built). "imagenet": ImageNet's. {"mean": [3 floats], "std": [3 floats > 0]}: those.
+    """
+    check_norm(norm)
+    if isinstance(norm, Mapping):
+        return _explicit_norm(norm)
+    if norm == "imagenet":
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if isinstance(model, str):
+        cfg = get_pretrained_cfg(resolve_arch(model))
+        data = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    else:
+        data = resolve_model_data_config(model)
+    return tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
+
+
+def check_norm(norm: Norm) -> None:
+    """ValueError unless `norm` is "timm", "imagenet" or {"mean": [3 floats], "std": [3 floats > 0]}."""
+    if isinstance(norm, Mapping):
+        _explicit_norm(norm)
+    elif norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} or {{'mean': [..], 'std': [..]}}, got {norm!r}")
+
+
+def _explicit_norm(norm: Mapping[str, Sequence[float]]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """{"mean": [3 floats], "std": [3 floats > 0]} -> (mean, std); ValueError naming what is wrong."""
+    if set(norm) != {"mean", "std"}:
+        raise ValueError(f"an explicit norm needs exactly the keys 'mean' and 'std', got {sorted(norm)}")
+    mean, std = (tuple(float(v) for v in norm[k]) for k in ("mean", "std"))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"norm mean and std must be 3 RGB fractions of 255 each, std > 0; got mean={mean} std={std}")
+    return mean, std
+
+
 def input_norm(arch: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """(mean, std) RGB fractions of 255 the pretrained weights of `arch` expect (timm pretrained_cfg; ImageNet's for
-    every core arch, 0.5/0.5 for e.g. ViT / Inception). Falls back to ImageNet's when timm has no cfg."""
-    cfg = get_pretrained_cfg(resolve_arch(arch))
-    if cfg is None or cfg.mean is None or cfg.std is None:
-        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    """(mean, std) the pretrained weights of `arch` expect: `norm_stats(arch, "timm")`."""
+    return norm_stats(arch)
 
 
 def embedding_dim(model: nn.Module) -> int:

@@ -17,9 +17,9 @@ import hashlib
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -36,43 +36,18 @@ from sklearn.model_selection import GroupKFold
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from lib import config
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, wide_to_long
 from lib.evaluate.metrics import metric_report, weighted_log_loss
 from lib.paths import PathLike, RunPaths, atomic_write, atomic_write_text
-from lib.train.ddp import resolve_precision
-from lib.ensemble import mean_frames, write_predictions
+from lib.train.precision import resolve_precision
+from lib.sequence.config import (INPUTS, TEST_RULES, SeqConfig, TestPreds, TestRule, resolve_device,  # noqa: F401
+                                 slice_vectors)
+from lib.ensemble import write_predictions
 from lib.registry import Registry
 from lib.models.seq_heads import create_head
 from lib.sequence.features import (EmbeddingSet, SeriesDataset, SeqLoss, SequenceDataError, collate_for_learner,
                                    feature_dim, load_models, open_embedding_set, predict_probs, seed_worker,
                                    split_output)
-
-TestPreds = List[Tuple[int, pd.DataFrame]]  # (CNN fold whose test inputs a head saw, its wide predictions), in order
-
-
-@dataclass(frozen=True)
-class TestRule:
-    """How a strategy's heads meet the test set: which CNN folds' test inputs each head predicts, and how those
-    predictions are averaged. `name` is what a weights bundle records (manifest "aggregate")."""
-
-    name: str
-    every_cnn_fold: bool  # True: a head predicts every CNN fold's test inputs; False: only its own fold's
-    per_cnn_fold: bool    # True: mean over a CNN fold's predictions, then over folds; False: mean over all pairs
-
-    def cnn_folds(self, fold: int, folds: List[int]) -> List[int]:
-        """The CNN folds whose test inputs a head of CNN fold `fold` predicts."""
-        return list(folds) if self.every_cnn_fold else [fold]
-
-    def average(self, preds: TestPreds) -> pd.DataFrame:
-        """The strategy's test prediction (wide) from its heads' (CNN fold, prediction) pairs."""
-        if not self.per_cnn_fold:
-            return mean_frames([p for _, p in preds])
-        groups: Dict[int, List[pd.DataFrame]] = {}
-        for k, p in preds:
-            groups.setdefault(k, []).append(p)
-        return mean_frames([mean_frames(groups[k]) for k in sorted(groups)])
-
 
 @dataclass(frozen=True)
 class Strategy:
@@ -85,92 +60,13 @@ class Strategy:
 STRATEGIES: Registry = Registry("sequence fold strategy")
 
 
-def register_strategy(name: str, test: TestRule) -> Callable:
-    """Decorator: register a strategy's fit function under `name` together with its test-time rule."""
+def register_strategy(name: str) -> Callable:
+    """Decorator: register a strategy's fit function under `name` together with its test-time rule (declared,
+    fastai-free, in `lib.sequence.config.TEST_RULES`, which the bundle and test-only inference read)."""
     def deco(fit: Callable) -> Callable:
-        STRATEGIES.add(name, Strategy(fit, test))
+        STRATEGIES.add(name, Strategy(fit, TEST_RULES.get(name)))
         return fit
     return deco
-
-
-INPUTS = {"embedding": lambda es: es.emb, "logits": lambda es: es.logits}
-
-
-@dataclass(kw_only=True)
-class SeqConfig:
-    """Sequence-stage parameters (`from_dict`: unknown keys or missing settings are an error).
-
-    Experiment settings have no defaults: notebooks/ich/04_sequence.ipynb's parameters cell is their one source
-    (`from_params` maps its unset literals and its crop_min / crop_max pair, lib.config); run-time knobs keep
-    neutral defaults.
-    """
-
-    UNSET: ClassVar[Dict[str, Any]] = {"crop_min": 0}
-    #: notebook parameters a field is built from, where they differ from the field's own name
-    PARAMS: ClassVar[Dict[str, Tuple[str, ...]]] = {"crop": ("crop_min", "crop_max")}
-
-    head: str                               # registry name in lib.seq_heads.HEADS
-    head_kwargs: Dict[str, Any]
-    epochs: int
-    lr: float                               # one-cycle max lr
-    bs: int                                 # series per batch
-    wd: float
-    crop: Optional[Tuple[int, int]]         # random contiguous training window (min, max) slices, or None
-    reverse_p: float                        # training reversal probability
-    aux_weight: float                       # weight of the auxiliary per-slice loss (heads that return aux)
-    inner_folds: int                        # per_fold strategy: inner split of fold k's patients
-    seed: int
-    mixed_precision: str                    # no | auto (bf16/fp16 on CUDA) | bf16 | fp16. The stage uses no: on an
-    #                                         H100 the lstm (h1024, 4 series a batch) ran 178 series/s under bf16
-    #                                         autocast vs 226 in float32 (python -m lib.bench sequence --precision)
-    snapshot_epochs: int                    # >0: average predictions of the last n epochs (no selection)
-    select: str                             # "best" (lowest valid metric) | "last"
-    tta_flip: bool                          # average forward and reversed series at prediction
-    spacing_scale: float                    # mm -> input units
-    series_key: str
-    emb_suffix: str                         # e.g. "_ep3" for per-epoch embedding files ("" = best.pth's)
-    inputs: str                             # "embedding": [e, deltas, logits, meta] | "logits": logits as the slice
-    #                                         vector (aligned across fold models: the same meaning in every fold)
-    num_workers: int = config.runtime(0)
-    device: str = config.runtime("auto")    # "auto" | "cpu" | "cuda"
-    progress: bool = config.runtime(True)
-    resume: bool = config.runtime(True)     # reuse a finished head whose inputs and settings match (interrupted runs)
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "SeqConfig":
-        """Build from a dict of fields; unknown keys or missing experiment settings are a KeyError naming them."""
-        config.check_keys(cls, values)
-        return cls(**values)
-
-    @classmethod
-    def from_params(cls, **params: Any) -> "SeqConfig":
-        """Build from notebook parameters: crop_min 0 means no crop, else crop = (crop_min, crop_max)."""
-        values = config.none_if_unset(params, cls.UNSET)
-        low, high = values.pop("crop_min"), values.pop("crop_max")
-        return cls.from_dict({**values, "head_kwargs": dict(values["head_kwargs"]),
-                              "crop": None if low is None else (low, high)})
-
-    def __post_init__(self) -> None:
-        if self.crop is not None:
-            self.crop = (int(self.crop[0]), int(self.crop[1]))
-        if self.inputs not in INPUTS:
-            raise ValueError(f"inputs must be one of {sorted(INPUTS)}, got {self.inputs!r}")
-        if self.select not in ("best", "last"):
-            raise ValueError(f"SeqConfig.select must be 'best' or 'last'; got {self.select!r}")
-
-
-def slice_vectors(es: EmbeddingSet, cfg: SeqConfig) -> np.ndarray:
-    """The per-slice vector the sequence model differences along the series: the CNN embedding (float16 memmap,
-    (N, D)) or, with `inputs="logits"`, the CNN's 6 logits, whose meaning is shared by every fold model."""
-    return INPUTS[cfg.inputs](es)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
-    return torch.device(device)
 
 
 class MaskedWLL(Metric):
@@ -325,7 +221,7 @@ class _Run:
                                  self.test_sets[k], self.test)) for k in folds]
 
 
-@register_strategy("pooled", TestRule("pairs", every_cnn_fold=True, per_cnn_fold=False))
+@register_strategy("pooled")
 def _pooled(run: _Run) -> Tuple[List[pd.DataFrame], TestPreds]:
     folds = sorted(run.oof_sets)
     rule = STRATEGIES.get("pooled").test
@@ -340,7 +236,7 @@ def _pooled(run: _Run) -> Tuple[List[pd.DataFrame], TestPreds]:
     return oof, test
 
 
-@register_strategy("per_fold", TestRule("per_cnn_fold", every_cnn_fold=False, per_cnn_fold=True))
+@register_strategy("per_fold")
 def _per_fold(run: _Run) -> Tuple[List[pd.DataFrame], TestPreds]:
     folds = sorted(run.oof_sets)
     rule = STRATEGIES.get("per_fold").test

@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict, Optional, Protocol
 
 import numpy as np
 import torch
@@ -20,8 +20,14 @@ from lib.train import ddp
 from lib.data.datasets import SubsampleSampler
 from lib.paths import atomic_write, atomic_write_text
 
-if TYPE_CHECKING:
-    from lib.train.fit import TrainConfig
+
+class CheckpointSettings(Protocol):
+    """What the callbacks read of `lib.train.fit.TrainConfig` (a dataclass: checkpoints store `asdict(cfg)`)."""
+
+    arch: str
+    patience: Optional[int]
+    save_every_epoch: bool
+    keep_optimizer: str
 
 
 def seed_everything(seed: int) -> None:
@@ -118,7 +124,7 @@ class EpochCheckpoint(Callback):
 
     order = 65  # after Recorder (50) and CSVLogger (60): the epoch's row is complete
 
-    def __init__(self, out_dir: Path, cfg: TrainConfig, state: Dict[str, Any], is_main: bool,
+    def __init__(self, out_dir: Path, cfg: CheckpointSettings, state: Dict[str, Any], is_main: bool,
                  has_valid: bool) -> None:
         self.out_dir, self.cfg, self.state, self.is_main, self.has_valid = out_dir, cfg, state, is_main, has_valid
 

@@ -27,6 +27,7 @@ from torch.utils.data import Sampler
 
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
 from lib.evaluate.metrics import per_class_log_loss, weighted_mean
+from lib.train.precision import PRECISIONS, resolve_device, resolve_precision  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -45,29 +46,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; any other string is passed to torch.device."""
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "no")
-
-
-def resolve_precision(setting: str, device: torch.device) -> Optional[str]:
-    """'auto' -> 'bf16' (or 'fp16' on GPUs without bf16) on CUDA and None on CPU; 'no' -> None."""
-    if setting not in PRECISIONS:
-        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {setting!r}")
-    if setting == "no" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda":
-        raise ValueError(f"mixed_precision={setting!r} needs CUDA (device is {device}); use 'auto' or 'no'")
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return setting
 
 
 def is_initialized() -> bool:

@@ -1,6 +1,6 @@
 """Out-of-fold embedding export: a trained 2D model's pooled embedding + 6 logits per image, with fixed TTA.
 
-Files per export, `<prefix>` e.g. RUN/embeddings/oof_fold0 (layout in CONTRACTS.md):
+Files per export, `<prefix>` e.g. RUN/embeddings/oof_fold0:
   <prefix>.npy          float16 (N, D) pre-logits embedding (np.load(..., mmap_mode="r") works);
   <prefix>_logits.npy   float16 (N, 6) logits, SUBTYPES order;
   <prefix>.parquet      image_id, row (row = position in the two arrays);
@@ -28,12 +28,11 @@ from lib.progress import progress_bar
 
 from lib.data.augment import create_transform
 from lib.data.datasets import ImageDataset, ImageLoader, worker_init_fn
-from lib.train.ddp import resolve_device
+from lib.train.precision import autocast_dtype, resolve_device
 from lib.tasks.ich.labels import SUBTYPES
-from lib.models.factory import create_model, embedding_dim, forward_embed
+from lib.models.factory import create_model, embedding_dim, forward_embed, norm_stats
 from lib.paths import RunPaths, atomic_write_text, embedding_files
 from lib.registry import Registry
-from lib.train.fit import norm_stats
 
 PathLike = Union[str, Path]
 TTA_VIEWS: Registry = Registry("TTA view")
@@ -72,11 +71,14 @@ def embed_views(model: nn.Module, x: torch.Tensor, views: Sequence[Callable]) ->
 def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, image_ids: Sequence[str],
                       out_prefix: PathLike, mode: str = "single", neighbours: Optional[pd.DataFrame] = None,
                       tta: Sequence[str] = ("orig", "hflip"), bs: int = 64, num_workers: int = 0,
-                      device: str = "auto", img_size: Optional[int] = None) -> Dict[str, Any]:
+                      device: str = "auto", img_size: Optional[int] = None, precision: str = "auto"
+                      ) -> Dict[str, Any]:
     """Embed `image_ids` with the model in `checkpoint`; write <prefix>.npy, <prefix>_logits.npy, <prefix>.parquet.
 
-    img_size None: the training size stored in the checkpoint's cfg (else the cached size). On CUDA the forward
-    runs under bf16 autocast with channels_last. Files are written under temporary names and renamed at the end.
+    img_size None: the training size stored in the checkpoint's cfg (else the cached size). Inputs are normalised as
+    in training (the checkpoint cfg's `norm`). On CUDA the forward runs with channels_last under the autocast of
+    `lib.train.precision.resolve_precision(precision)` ("auto": bf16 where native, else fp16; "no": float32).
+    Files are written under temporary names and renamed at the end.
     Returns {"n", "dim", "tta", "embeddings", "logits", "index", "record", "checkpoint", "seconds"}; the record
     file holds the same minus the paths of the arrays and the timing.
     """
@@ -90,13 +92,13 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
     if cfg.get("mode", mode) != mode:
         raise ValueError(f"{checkpoint} was trained with mode {cfg['mode']!r}, not {mode!r}")
     size = img_size or cfg.get("img_size")
-    mean, std = norm_stats(arch)
+    mean, std = norm_stats(model, cfg.get("norm", "timm"))
     ids = [str(i) for i in image_ids]
     ds = ImageDataset(cache_dir, ids, mode=mode, neighbours=neighbours, mean=mean, std=std,
                       transform=create_transform("none", size) if size else None)
     dl = ImageLoader(ds, batch_size=bs, shuffle=False, num_workers=num_workers, worker_init_fn=worker_init_fn,
                     pin_memory=dev.type == "cuda")
-    cuda = dev.type == "cuda"
+    cuda, amp = dev.type == "cuda", autocast_dtype(precision, dev)
     if cuda:
         model.to(memory_format=torch.channels_last)
     prefix = Path(out_prefix)
@@ -110,7 +112,7 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
         x = batch["image"].to(dev, non_blocking=True)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast("cuda", dtype=amp or torch.float16, enabled=amp is not None):
             emb, logits = embed_views(model, x, views)
         rows = batch["index"].numpy()
         emb_out[rows] = emb.cpu().numpy().astype(np.float16)

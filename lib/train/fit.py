@@ -46,12 +46,11 @@ from torch import nn
 
 from lib import config
 from lib.train import ddp
-from lib.train.ddp import PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
+from lib.train.precision import PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from lib.data.augment import AUGMENTATIONS, create_transform
-from lib.data.datasets import IMAGENET_MEAN, IMAGENET_STD, MODES, ImageDataset, ImageLoader, SubsampleSampler, \
-    worker_init_fn
+from lib.data.datasets import MODES, ImageDataset, ImageLoader, SubsampleSampler, worker_init_fn
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, read_labels
-from lib.models.factory import MODEL_ZOO, create_model
+from lib.models.factory import MODEL_ZOO, Norm, check_norm, create_model, norm_stats  # noqa: F401 (re-exported)
 from lib.evaluate.metrics import weighted_bce_with_logits
 from lib.paths import RunPaths, atomic_write_text
 from lib.registry import Registry
@@ -98,6 +97,8 @@ class TrainConfig:
     max_train_items: Optional[int]            # random subset (smoke tests); None = all
     max_valid_items: Optional[int]
     patience: Optional[int]                   # early stopping on the validation log loss (epochs without gain)
+    norm: Norm                                # input mean/std: "timm" (the model's timm config) | "imagenet" |
+    #                                           {"mean": [r, g, b], "std": [r, g, b]} (fractions of 255)
     num_workers: int = config.runtime(4)
     per_class_metrics: bool = config.runtime(True)  # also log the per-subtype validation losses
     resume: bool = config.runtime(True)
@@ -116,6 +117,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{key} must be one of {valid}, got {getattr(self, key)!r}")
         if not 0.0 < self.neg_frac <= 1.0:
             raise ValueError(f"TrainConfig.neg_frac must be in (0, 1], got {self.neg_frac}")
+        check_norm(self.norm)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -175,12 +177,6 @@ def _fit_constant(learn: Learner, cfg: TrainConfig, cbs: list, start_epoch: int)
 
 
 # ---------------------------------------------------------------- data
-def norm_stats(arch: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """(mean, std) fractions of 255 for `arch`: MODEL_ZOO's when given (e.g. the WSL model's), else ImageNet's."""
-    entry = MODEL_ZOO.get(arch, {})
-    return tuple(entry.get("mean", IMAGENET_MEAN)), tuple(entry.get("std", IMAGENET_STD))
-
-
 def collate_xy(items: List[Dict[str, Any]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dataset dict items -> (images float32 (B, 3, S, S), targets float32 (B, 6)), the tuple fastai expects."""
     return torch.stack([it["image"] for it in items]), torch.stack([it["target"] for it in items])
@@ -212,11 +208,13 @@ def split_fold(folds: pd.DataFrame, labels: pd.DataFrame, fold: int, cfg: TrainC
 
 
 def build_dataloaders(cache_dir: PathLike, split: Tuple[np.ndarray, ...], cfg: TrainConfig, env: ddp.DistEnv,
-                      neighbours: Optional[pd.DataFrame] = None) -> Tuple[DataLoaders, SubsampleSampler, Any]:
+                      neighbours: Optional[pd.DataFrame] = None, model: Optional[nn.Module] = None
+                      ) -> Tuple[DataLoaders, SubsampleSampler, Any]:
     """fastai DataLoaders over plain torch DataLoaders (train: SubsampleSampler sharded by rank; valid: strided
-    shards), the train sampler and the train transform (for per-epoch reseeding)."""
+    shards), the train sampler and the train transform (for per-epoch reseeding). Inputs are normalised with
+    `norm_stats(model or cfg.arch, cfg.norm)`."""
     tr_ids, tr_y, va_ids, va_y = split
-    mean, std = norm_stats(cfg.arch)
+    mean, std = norm_stats(model if model is not None else cfg.arch, cfg.norm)
     tf = create_transform(cfg.aug, cfg.img_size)
     common = dict(mode=cfg.mode, neighbours=neighbours, mean=mean, std=std)
     train_ds = ImageDataset(cache_dir, tr_ids, tr_y, transform=tf, **common)
@@ -333,7 +331,7 @@ def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labe
         torch.backends.cudnn.benchmark = env.device.type == "cuda"
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        dls, sampler, tf = build_dataloaders(cache_dir, split, cfg, env, neighbours)
+        dls, sampler, tf = build_dataloaders(cache_dir, split, cfg, env, neighbours, model=model)
         net = ddp.wrap(model, env)
         learn = Learner(dls, net, loss_func=WeightedBCE(), opt_func=OPTIMIZERS.get(cfg.opt), lr=cfg.lr, wd=cfg.wd,
                         metrics=ddp.make_metrics(cfg.per_class_metrics) if has_valid else None, path=out_dir)

@@ -9,7 +9,7 @@ import pandas as pd
 
 #: Label columns in the order of the Kaggle CSV rows; every (N, 6) array in this repo uses this order.
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
-#: Per-label weights of the competition metric (any = 2, each subtype = 1; anchors 0.1).
+#: Per-label weights of the competition metric (weighted multi-label log loss: any = 2, each subtype = 1).
 WEIGHTS = np.array([2.0 if s == "any" else 1.0 for s in SUBTYPES], dtype=np.float64)
 
 

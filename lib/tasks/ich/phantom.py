@@ -7,7 +7,7 @@ slices.csv: one row per image with true order / quirks / contrast fractions, ble
 slice with a probe pixel, phantom.json: parameters and counts). Same arguments -> same bytes.
 
 Anatomy and bleeds are drawn by `lib.phantom_anatomy`, DICOM bytes come from `lib.phantom_dicom`; this module plans
-the studies (patients, split, header quirks of anchors 0.4, bleed placement) and writes the files.
+the studies (patients, split, the header quirks of the RSNA files, bleed placement) and writes the files.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,7 +28,8 @@ from lib.progress import progress_bar
 
 from lib.tasks.ich.labels import SUBTYPES
 from lib.tasks.ich.phantom_anatomy import BLEED_KINDS, Bleed, Head, Pose, Renderer
-from lib.tasks.ich.phantom_dicom import ENCODINGS, dicom_bytes, encode_hu  # noqa: F401 (ENCODINGS re-exported)
+from lib.tasks.ich.phantom_dicom import (ENCODINGS, StudyPlan, dicom_bytes,  # noqa: F401 (ENCODINGS re-exported)
+                                         encode_hu)
 
 PathLike = Union[str, Path]
 VERSION = "phantom-1"
@@ -48,34 +48,6 @@ KIND_RANGE = {"epidural": (0.3, 0.88, 3, 6), "intraparenchymal": (0.32, 0.82, 3,
               "subdural": (0.32, 0.92, 5, 12)}
 SAH_BASAL_RANGE = (0.2, 0.42, 3, 5)
 MIN_BLEED_MM2 = 3.0  # a planned bleed counts (label 1) on a slice where its area is at least this
-
-
-@dataclass
-class StudyPlan:
-    """Everything needed to render and write one study (= one series)."""
-
-    index: int
-    split: str
-    patient_id: str
-    study_uid: str
-    series_uid: str
-    image_ids: List[str]  # one per image; with dup >= 0 the last one repeats position `dup`
-    z: np.ndarray  # height above the skull base (mm) per slice position, ascending
-    dist: np.ndarray  # position along the slice normal (mm) per slice position
-    head: Head
-    pose: Pose
-    enc: str
-    seed: np.random.SeedSequence
-    explicit: bool = False
-    tilt: float = 0.0
-    multi_window: bool = False
-    window: Tuple[int, int] = (40, 80)
-    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
-    dup: int = -1
-    gap: bool = False
-    fov_pad: bool = False
-    corrupt: int = -1
-    bleeds: List[Bleed] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------- planning

@@ -6,17 +6,17 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from typing import TYPE_CHECKING, Dict, Iterator, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-if TYPE_CHECKING:
-    from lib.tasks.ich.phantom import StudyPlan
+from lib.tasks.ich.phantom_anatomy import Bleed, Head, Pose
 
-#: Pixel storage variants (anchors 0.4.2) and their share of series. "bug12" is the RSNA 12-bit header bug.
+#: Pixel storage variants of the RSNA files and their share of series. "bug12" is the RSNA 12-bit header bug.
 ENCODINGS = {
     "bug12": 0.20,  # BitsStored 12, unsigned, intercept 0: raw = HU mod 4096 (-1000 -> 3096); needs the fix
     "u12": 0.30,  # BitsStored 12, unsigned, intercept -1024
@@ -25,6 +25,34 @@ ENCODINGS = {
     "s12_0": 0.07,  # BitsStored 12, signed, intercept 0
     "u16": 0.05,  # BitsStored 16, unsigned, intercept -1024
 }
+
+
+@dataclass
+class StudyPlan:
+    """Everything needed to render and write one study (= one series)."""
+
+    index: int
+    split: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    image_ids: List[str]  # one per image; with dup >= 0 the last one repeats position `dup`
+    z: np.ndarray  # height above the skull base (mm) per slice position, ascending
+    dist: np.ndarray  # position along the slice normal (mm) per slice position
+    head: Head
+    pose: Pose
+    enc: str
+    seed: np.random.SeedSequence
+    explicit: bool = False
+    tilt: float = 0.0
+    multi_window: bool = False
+    window: Tuple[int, int] = (40, 80)
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    dup: int = -1
+    gap: bool = False
+    fov_pad: bool = False
+    corrupt: int = -1
+    bleeds: List[Bleed] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- pixel encoding

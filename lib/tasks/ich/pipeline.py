@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
-from lib.io import dicom
+from lib.io import dicom, dicom_index
 from lib.ensemble import mean_frames
 from lib.tasks.ich.labels import SUBTYPES
 from lib.paths import RunPaths, atomic_write_text
@@ -30,7 +30,7 @@ def ensure_index(data: CompetitionData, rp: RunPaths, split: str, workers: Optio
     source = {"source": str(folder), "n_files": _count_dcm(folder)}
     if path.exists() and info_path.exists() and json.loads(info_path.read_text()) == source:
         return pd.read_parquet(path)
-    df = dicom.index(folder, out=path, bad_out=rp.bad_files(split), workers=workers or None)
+    df = dicom_index.index(folder, out=path, bad_out=rp.bad_files(split), workers=workers or None)
     atomic_write_text(info_path, json.dumps(source))
     rp.record(f"index_{split}", path)
     return df
@@ -52,7 +52,7 @@ def tilt_degrees(index: pd.DataFrame) -> pd.Series:
 
 
 def header_quirks(index: pd.DataFrame) -> pd.DataFrame:
-    """Counts of the RSNA header quirks (anchors 0.4) in an index table."""
+    """Counts of the RSNA header quirks (12-bit intercept bug, signed pixels, odd matrix sizes, tilt, ...)."""
     fix = [dicom.needs_12bit_fix(b, p, i) for b, p, i in
            zip(index["bits_stored"], index["pixel_representation"], index["intercept"])]
     rows = {
