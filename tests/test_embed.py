@@ -29,7 +29,7 @@ def write_cache(cache: Path, ids, size: int = SIZE, seed: int = 0) -> None:
 
 def save_model(path: Path, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = create_model(ARCH).eval()
+    model = create_model(ARCH, 6).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "epoch": 0, "cfg": {"arch": ARCH, "img_size": SIZE, "mode": "single"}},
                path)

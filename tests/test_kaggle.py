@@ -427,7 +427,7 @@ def test_blend_fill_and_paths(tmp_path, monkeypatch):
     import pandas as pd
 
     from lib.kaggle import bundle
-    from lib.kaggle import infer
+    from lib.tasks.ich import infer
     from lib.tasks.ich.labels import SUBTYPES
 
     b = bundle.Bundle.from_run(fake_run(tmp_path / "run"))
@@ -460,7 +460,7 @@ def test_blend_fill_and_paths(tmp_path, monkeypatch):
 def test_compare_with_run(tmp_path):
     import pandas as pd
 
-    from lib.kaggle import infer
+    from lib.tasks.ich import infer
 
     own, new = tmp_path / "submission.csv", tmp_path / "new.csv"
     pd.DataFrame({"ID": ["ID_a_any", "ID_a_epidural"], "Label": [0.5, 0.1]}).to_csv(own, index=False)
@@ -471,7 +471,7 @@ def test_compare_with_run(tmp_path):
 
 
 def test_requirements_report(tmp_path):
-    from lib.kaggle import infer
+    from lib.tasks.ich import infer
 
     req = tmp_path / "requirements.txt"
     req.write_text("# pins\ntorch>=1.0  # any modern torch\ntimm<0.1\npylibjpeg-openjpeg>=99\njupyterlab>=1\n")

@@ -70,19 +70,19 @@ def test_pretrained_weights_from_local_file(tmp_path: Path) -> None:
 def test_missing_weights_file_names_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        create_model("resnet18", pretrained_weights=str(missing))
+        create_model("resnet18", 6, pretrained_weights=str(missing))
 
 
 def test_pretrained_without_file_refuses_download() -> None:
     with pytest.raises(ValueError, match="local file"):
-        create_model("resnet18", pretrained=True)
+        create_model("resnet18", 6, pretrained=True)
 
 
 def test_unknown_arch_lists_close_matches() -> None:
     with pytest.raises(ValueError, match="resnet18"):
-        create_model("resnet_18")
+        create_model("resnet_18", 6)
     with pytest.raises(ValueError, match="unknown architecture"):
-        create_model("resnet18.no_such_tag")
+        create_model("resnet18.no_such_tag", 6)
 
 
 def test_model_zoo_names_resolve() -> None:
@@ -92,7 +92,7 @@ def test_model_zoo_names_resolve() -> None:
 
 
 def test_drop_rate_reaches_the_head() -> None:
-    model = create_model("resnet18", drop_rate=0.5)
+    model = create_model("resnet18", 6, drop_rate=0.5)
     assert model.drop_rate == 0.5
 
 
@@ -111,17 +111,17 @@ def test_norm_stats_come_from_the_models_timm_config() -> None:
     from lib.data.datasets import IMAGENET_MEAN, IMAGENET_STD
     from lib.models.factory import norm_stats
 
-    vit = create_model("vit_tiny_patch16_224", img_size=32, patch_size=16)
+    vit = create_model("vit_tiny_patch16_224", 6, img_size=32, patch_size=16)
     assert norm_stats(vit) == norm_stats("vit_tiny_patch16_224") == HALF
-    assert norm_stats(create_model("inception_v3")) == HALF
+    assert norm_stats(create_model("inception_v3", 6)) == HALF
     for arch in ("resnet18", "resnet10t"):  # the demo's stats, unchanged
-        assert norm_stats(create_model(arch)) == norm_stats(arch) == (IMAGENET_MEAN, IMAGENET_STD) == IMAGENET
+        assert norm_stats(create_model(arch, 6)) == norm_stats(arch) == (IMAGENET_MEAN, IMAGENET_STD) == IMAGENET
 
 
 def test_norm_override_wins() -> None:
     from lib.models.factory import norm_stats
 
-    vit = create_model("vit_tiny_patch16_224", img_size=32, patch_size=16)
+    vit = create_model("vit_tiny_patch16_224", 6, img_size=32, patch_size=16)
     assert norm_stats(vit, "imagenet") == IMAGENET
     assert norm_stats("resnet18", {"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]}) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="norm must be one of"):
@@ -134,8 +134,9 @@ def test_norm_override_wins() -> None:
 
 def test_train_config_carries_the_norm() -> None:
     from lib.train.fit import TrainConfig
+    from test_train import TINY
 
-    assert TrainConfig().norm == "timm"
-    assert TrainConfig(norm={"mean": [0.5] * 3, "std": [0.5] * 3}).norm["std"] == [0.5] * 3
+    assert TrainConfig(**TINY).norm == "timm"
+    assert TrainConfig(**{**TINY, "norm": {"mean": [0.5] * 3, "std": [0.5] * 3}}).norm["std"] == [0.5] * 3
     with pytest.raises(ValueError, match="norm must be one of"):
-        TrainConfig(norm="dataset")
+        TrainConfig(**{**TINY, "norm": "dataset"})

@@ -54,7 +54,7 @@ def test_slice_features_deltas_zero_at_ends():
     e = np.arange(12, dtype=np.float16).reshape(4, 3) ** 2
     meta = np.zeros((4, 3), np.float32)
     x = slice_features(e, np.zeros((4, 6)), meta)
-    assert x.shape == (4, feature_dim(3))
+    assert x.shape == (4, feature_dim(3, 6))
     d_prev, d_next = x[:, 3:6], x[:, 6:9]
     assert np.all(d_prev[0] == 0) and np.all(d_next[-1] == 0)
     np.testing.assert_allclose(d_prev[2], e[2].astype(np.float32) - e[1])
@@ -67,27 +67,27 @@ def test_reversal_swaps_deltas_and_spacings_consistently():
     meta = np.c_[[0, 1, 2, 3, 4], [1, 2, 3, 4, 0], np.linspace(0, 1, 5)].astype(np.float32)
     rev_meta = meta[::-1][:, [1, 0, 2]]  # read backwards: old next spacing is the new previous one
     direct = slice_features(e[::-1], lg[::-1], rev_meta)
-    np.testing.assert_allclose(reverse_features(slice_features(e, lg, meta), D), direct, atol=1e-6)
+    np.testing.assert_allclose(reverse_features(slice_features(e, lg, meta), D, 6), direct, atol=1e-6)
 
 
 def test_dataset_orders_slices_and_reverses_items():
     index = make_index([5, 3])
     emb, logits, rows = arrays_for(index)
-    ds = SeriesDataset(index, emb, logits, rows, labels=None)
+    ds = SeriesDataset(index, emb, logits, rows, labels=None, label_names=SUBTYPES)
     item = ds[0]
     assert item["image_id"] == [f"ID_tr000{t:03d}" for t in range(5)]
-    assert item["x"].shape == (5, feature_dim(D)) and item["y"].shape == (5, 6)
+    assert item["x"].shape == (5, feature_dim(D, 6)) and item["y"].shape == (5, 6)
     np.testing.assert_allclose(item["x"][:, :D], emb[rows[item["image_id"]].to_numpy()].astype(np.float32))
     back = ds.reversed()[0]
     assert back["image_id"] == item["image_id"][::-1]
-    np.testing.assert_allclose(back["x"], reverse_features(item["x"], D))
+    np.testing.assert_allclose(back["x"], reverse_features(item["x"], D, 6))
 
 
 def test_crop_keeps_true_neighbour_deltas():
     index = make_index([9])
     emb, logits, rows = arrays_for(index)
-    full = SeriesDataset(index, emb, logits, rows)[0]
-    ds = SeriesDataset(index, emb, logits, rows, crop=(3, 4), seed=3)
+    full = SeriesDataset(index, emb, logits, rows, label_names=SUBTYPES)[0]
+    ds = SeriesDataset(index, emb, logits, rows, crop=(3, 4), seed=3, label_names=SUBTYPES)
     for _ in range(10):
         it = ds[0]
         start = full["image_id"].index(it["image_id"][0])
@@ -99,9 +99,9 @@ def test_crop_keeps_true_neighbour_deltas():
 def test_collate_pads_at_the_end_with_mask():
     index = make_index([5, 2, 3])
     emb, logits, rows = arrays_for(index)
-    ds = SeriesDataset(index, emb, logits, rows)
+    ds = SeriesDataset(index, emb, logits, rows, label_names=SUBTYPES)
     b = collate_series([ds[0], ds[1], ds[2]])
-    assert b["x"].shape == (3, 5, feature_dim(D)) and b["y"].shape == (3, 5, 6) and b["mask"].dtype == torch.bool
+    assert b["x"].shape == (3, 5, feature_dim(D, 6)) and b["y"].shape == (3, 5, 6) and b["mask"].dtype == torch.bool
     assert b["lengths"].tolist() == [5, 2, 3] and b["mask"].sum(1).tolist() == [5, 2, 3]
     assert [len(i) for i in b["image_id"]] == [5, 2, 3]
     assert torch.all(b["x"][1, 2:] == 0) and torch.all(b["mask"][1, :2])
@@ -111,7 +111,7 @@ def test_dataset_errors_name_the_missing_inputs():
     index = make_index([3])
     emb, logits, rows = arrays_for(index)
     with pytest.raises(SequenceDataError, match="no embedding row"):
-        SeriesDataset(index, emb, logits, rows.iloc[1:])
+        SeriesDataset(index, emb, logits, rows.iloc[1:], label_names=SUBTYPES)
     labels = pd.DataFrame(0, index=index["image_id"].iloc[1:], columns=list(SUBTYPES))
     with pytest.raises(SequenceDataError, match="no labels"):
         SeriesDataset(index, emb, logits, rows, labels=labels)
@@ -122,7 +122,7 @@ def test_memmap_is_pickled_by_name_not_content(tmp_path: Path):
     emb, logits, rows = arrays_for(index, dim=256)
     np.save(tmp_path / "e.npy", emb)
     mm = np.load(tmp_path / "e.npy", mmap_mode="r")
-    ds = SeriesDataset(index, mm, logits, rows)
+    ds = SeriesDataset(index, mm, logits, rows, label_names=SUBTYPES)
     blob = pickle.dumps(ds)
     assert len(blob) < emb.nbytes
     np.testing.assert_array_equal(pickle.loads(blob)[1]["x"], ds[1]["x"])
@@ -132,7 +132,7 @@ def test_memmap_is_pickled_by_name_not_content(tmp_path: Path):
 @pytest.mark.parametrize("name", HEADS.names())
 def test_padding_never_changes_real_outputs(name: str):
     torch.manual_seed(0)
-    nf = feature_dim(D)
+    nf = feature_dim(D, 6)
     head = create_head(name, nf, 6).eval()
     short, long = torch.randn(1, 4, nf), torch.randn(1, 9, nf)
     batch = torch.zeros(2, 9, nf)
@@ -153,14 +153,14 @@ def test_masked_loss_matches_metric_and_ignores_padding():
     torch.manual_seed(0)
     logits, y = torch.randn(2, 5, 6), (torch.rand(2, 5, 6) > 0.7).float()
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    loss = masked_weighted_bce(logits, y, mask)
+    loss = masked_weighted_bce(logits, y, mask, WEIGHTS)
     expect = weighted_log_loss(y[mask].numpy(), torch.sigmoid(logits[mask]).numpy(), WEIGHTS)
     assert loss.item() == pytest.approx(expect, rel=1e-5)
     y2, logits2 = y.clone(), logits.clone()
     y2[1, 2:], logits2[1, 2:] = 1 - y2[1, 2:], 50.0
-    assert masked_weighted_bce(logits2, y2, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert masked_weighted_bce(logits2, y2, mask, WEIGHTS).item() == pytest.approx(loss.item(), rel=1e-6)
     y2[1, 0] = 1 - y2[1, 0]  # a real target does count
-    assert masked_weighted_bce(logits, y2, mask).item() != pytest.approx(loss.item(), rel=1e-6)
+    assert masked_weighted_bce(logits, y2, mask, WEIGHTS).item() != pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_unknown_names_and_config_keys_are_listed():
@@ -224,7 +224,7 @@ def fake_run(run_dir: Path, dim: int = 16, n_folds: int = 3):
 def test_train_sequence_is_out_of_fold(tmp_path: Path, strategy: str):
     index, folds, labels, test = fake_run(tmp_path)
     cfg = seq_cfg(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), inner_folds=2, progress=False)
-    res = train_sequence(tmp_path, index, folds, labels, cfg, strategy=strategy, test_index_df=test)
+    res = train_sequence(tmp_path, index, folds, labels, cfg, WEIGHTS, strategy=strategy, test_index_df=test)
     oof, pred_test = res["oof"], res["test"]
     assert sorted(oof.index) == sorted(index["image_id"]) and not oof.index.duplicated().any()
     assert oof.index.name == "image_id" and list(oof.columns) == list(SUBTYPES)
@@ -286,7 +286,7 @@ def test_head_beats_per_slice_logits_when_context_matters(tmp_path: Path, head: 
                     select="last")
     train_ds = SeriesDataset(*tr[:4], labels=tr[4], reverse_p=0.5)
     valid_ds = SeriesDataset(*va[:4], labels=va[4])
-    models, _ = fit_head(train_ds, valid_ds, cfg, feature_dim(8), tmp_path, tag="sanity")
+    models, _ = fit_head(train_ds, valid_ds, cfg, feature_dim(8, 6), WEIGHTS, tmp_path, tag="sanity")
     pred = predict_probs(models, valid_ds, progress=False)
     y = va[4].reindex(pred.index).to_numpy(np.float64)
     per_slice = 1 / (1 + np.exp(-va[2].astype(np.float64)[va[3][pred.index].to_numpy()]))
@@ -313,18 +313,18 @@ def test_strategy_registry_round_trip():
 def test_rerun_reuses_finished_heads_and_retrains_what_changed(tmp_path: Path):
     index, folds, labels, _ = fake_run(tmp_path)
     cfg = seq_cfg(head_kwargs={"hidden": 8}, epochs=1, bs=4, crop=(3, 6), progress=False)
-    first = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")
+    first = train_sequence(tmp_path, index, folds, labels, cfg, WEIGHTS, strategy="pooled")
     assert not any("reused" in log for log in first["logs"])
-    again = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")  # e.g. after a kill
+    again = train_sequence(tmp_path, index, folds, labels, cfg, WEIGHTS, strategy="pooled")  # e.g. after a kill
     assert all("reused" in log for log in again["logs"]) and len(again["logs"]) == 3
     pd.testing.assert_frame_equal(first["oof"], again["oof"])
     (tmp_path / "models/seq_pooled/fold1/outer1.pth").unlink()  # killed while training outer1
-    partial = train_sequence(tmp_path, index, folds, labels, cfg, strategy="pooled")
+    partial = train_sequence(tmp_path, index, folds, labels, cfg, WEIGHTS, strategy="pooled")
     assert ["reused" in log for log in partial["logs"]] == [True, False, True]
     pd.testing.assert_frame_equal(first["oof"], partial["oof"])  # the retrained head is the same head
-    changed = train_sequence(tmp_path, index, folds, labels, SeqConfig(**{**cfg.__dict__, "epochs": 2}),
+    changed = train_sequence(tmp_path, index, folds, labels, SeqConfig(**{**cfg.__dict__, "epochs": 2}), WEIGHTS,
                              strategy="pooled")
     assert not any("reused" in log for log in changed["logs"])
-    fresh = train_sequence(tmp_path, index, folds, labels, SeqConfig(**{**cfg.__dict__, "resume": False}),
+    fresh = train_sequence(tmp_path, index, folds, labels, SeqConfig(**{**cfg.__dict__, "resume": False}), WEIGHTS,
                            strategy="pooled")
     assert not any("reused" in log for log in fresh["logs"])

@@ -57,14 +57,14 @@ def test_weighted_bce_hand_example():
     z = torch.tensor([[0, 0, 0, 0, 0, L]])
     y = torch.tensor([[0, 0, 0, 0, 0, 1.0]])
     expected = (5 * math.log(2) + 2 * math.log1p(math.exp(-L))) / 7
-    assert WeightedBCE()(z, y).item() == pytest.approx(expected, rel=1e-6)
+    assert WeightedBCE(WEIGHTS)(z, y).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_weighted_bce_equals_competition_metric():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 2, (64, 6)).clip(-8, 8)  # sigmoid stays inside [1e-6, 1 - 1e-6]: the metric does not clip
     y = (rng.random((64, 6)) < 0.3).astype(np.float64)
-    loss = WeightedBCE()(torch.tensor(z, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)).item()
+    loss = WeightedBCE(WEIGHTS)(torch.tensor(z, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)).item()
     assert loss == pytest.approx(weighted_log_loss(y, 1 / (1 + np.exp(-z)), WEIGHTS), rel=1e-5)
     plain = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(z), torch.tensor(y)).item()
     assert abs(loss - plain) > 1e-4  # the any-weighting matters
@@ -114,15 +114,15 @@ class Kill(Callback):
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     cache, folds, labels = make_data(tmp_path)
     cfg = TrainConfig(**{**TINY, "epochs": 3, "drop_rate": 0.2, "neg_frac": 0.7, "aug": "demo"})
-    full = train_fold(tmp_path / "a", cache, folds, labels, 0, cfg)
+    full = train_fold(tmp_path / "a", cache, folds, labels, 0, cfg, WEIGHTS)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train_fold(tmp_path / "b", cache, folds, labels, 0, cfg, cbs=[Kill(2)])
+        train_fold(tmp_path / "b", cache, folds, labels, 0, cfg, WEIGHTS, cbs=[Kill(2)])
     mdir_a, mdir_b = (tmp_path / r / "models/cnn/fold0" for r in "ab")
     assert sorted(p.name for p in mdir_b.glob("epoch*.pth")) == ["epoch0.pth", "epoch1.pth"]
     assert log_epochs(mdir_b) == [0, 1, 2]  # epoch 2 was logged but never checkpointed
     assert "opt" not in torch.load(mdir_b / "epoch0.pth", weights_only=True)  # keep_optimizer="last"
 
-    resumed = train_fold(tmp_path / "b", cache, folds, labels, 0, cfg)
+    resumed = train_fold(tmp_path / "b", cache, folds, labels, 0, cfg, WEIGHTS)
     assert resumed["resumed_from"].endswith("epoch1.pth")
     assert log_epochs(mdir_b) == [0, 1, 2]  # the stale row was replaced, not duplicated
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
@@ -145,18 +145,19 @@ def test_all_data_fold_adjacent_then_rerun_is_a_no_op(tmp_path):
     index = pd.DataFrame({"image_id": folds.image_id, "series_uid": np.arange(10) // 5, "slice_idx": np.arange(10) % 5})
     nb = neighbours(index)
     cfg = TrainConfig(**{**TINY, "schedule": "constant", "opt": "adam", "wd": 0.0, "mode": "adjacent"})
-    res = launch(tmp_path / "run", cache, -1, cfg, nproc=1, folds=folds, labels=labels, neighbours=nb)  # in-process
+    res = launch(tmp_path / "run", cache, -1, cfg, nproc=1, folds=folds, labels=labels, weights=WEIGHTS,
+                 neighbours=nb)  # in-process
     mdir = tmp_path / "run/models/cnn/all"
     assert res["best_valid_logloss"] is None and res["best_epoch"] == 0 and res["n_train"] == 10
     assert (mdir / "best.pth").exists()
     assert list(pd.read_csv(mdir / "log.csv").columns) == ["epoch", "train_loss", "time"]
-    again = train_fold(tmp_path / "run", cache, folds, labels, -1, cfg, neighbours=nb)
+    again = train_fold(tmp_path / "run", cache, folds, labels, -1, cfg, WEIGHTS, neighbours=nb)
     assert again["resumed_from"].endswith("epoch0.pth") and log_epochs(mdir) == [0]
     with pytest.raises(ValueError, match="config changed"):
         train_fold(tmp_path / "run", cache, folds, labels, -1, TrainConfig(**{**TINY, "mode": "adjacent", "lr": 1.0}),
-                   neighbours=nb)
+                   WEIGHTS, neighbours=nb)
     with pytest.raises(ValueError, match="needs the `neighbours` table"):
-        train_fold(tmp_path / "run2", cache, folds, labels, -1, cfg)
+        train_fold(tmp_path / "run2", cache, folds, labels, -1, cfg, WEIGHTS)
 
 
 def test_config_validates_names():
@@ -177,7 +178,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, monkeypatch):
     cache, folds, labels = make_data(tmp_path, n=24)
     cfg = TrainConfig(**{**TINY, "schedule": "cosine"})
     dump = tmp_path / "rank{rank}.pt"
-    res = launch(tmp_path / "run", cache, 0, cfg, nproc=2, folds=folds, labels=labels,
+    res = launch(tmp_path / "run", cache, 0, cfg, nproc=2, folds=folds, labels=labels, weights=WEIGHTS,
                  extra_args=["--dump-final-state", str(dump)])
     r0, r1 = (torch.load(str(dump).format(rank=r), weights_only=True) for r in (0, 1))
     assert state_dicts_equal(r0, r1)
@@ -198,7 +199,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, monkeypatch):
 def test_cuda_bf16_channels_last_smoke(tmp_path):
     cache, folds, labels = make_data(tmp_path, n=12)
     cfg = TrainConfig(**{**TINY, "channels_last": True, "bs": 4})
-    res = train_fold(tmp_path / "run", cache, folds, labels, 0, cfg)
+    res = train_fold(tmp_path / "run", cache, folds, labels, 0, cfg, WEIGHTS)
     assert res["device"].startswith("cuda") and res["precision"] in ("bf16", "fp16")
     assert np.isfinite(res["best_valid_logloss"])
 
@@ -209,7 +210,7 @@ def test_ddp_nccl_two_gpus_end_with_identical_weights(tmp_path):
     cache, folds, labels = make_data(tmp_path, n=24)
     cfg = TrainConfig(**{**TINY, "schedule": "cosine", "bs": 4})
     dump = tmp_path / "rank{rank}.pt"
-    res = launch(tmp_path / "run", cache, 0, cfg, nproc=2, folds=folds, labels=labels,
+    res = launch(tmp_path / "run", cache, 0, cfg, nproc=2, folds=folds, labels=labels, weights=WEIGHTS,
                  extra_args=["--dump-final-state", str(dump)])
     r0, r1 = (torch.load(str(dump).format(rank=r), weights_only=True, map_location="cpu") for r in (0, 1))
     assert state_dicts_equal(r0, r1)
@@ -220,4 +221,4 @@ def test_launch_refuses_more_ranks_than_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cache, folds, labels = make_data(tmp_path, n=6)
     with pytest.raises(ValueError, match="one GPU each"):
-        launch(tmp_path / "run", cache, 0, TrainConfig(**TINY), nproc=2, folds=folds, labels=labels)
+        launch(tmp_path / "run", cache, 0, TrainConfig(**TINY), nproc=2, folds=folds, labels=labels, weights=WEIGHTS)

@@ -31,6 +31,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from lib.tasks import get_task
+
 WARM = 3  # batches / steps excluded from every timing
 
 
@@ -58,10 +60,9 @@ def _cache_ids(args: argparse.Namespace, tmp: Path) -> tuple:
             raise FileNotFoundError(f"--cache {args.cache} holds no <image_id>.png files")
         return Path(args.cache), ids, str(args.cache)
     if args.data:
-        from lib.tasks.ich.data import CompetitionData
         from lib.imaging.windowing import build_cache
 
-        files = sorted(CompetitionData.at(args.data).train_dir.glob("*.dcm"))[:256]
+        files = sorted((Path(args.data) / get_task("ich").layout["train_images"]).glob("*.dcm"))[:256]
         if not files:
             raise FileNotFoundError(f"--data {args.data}: no DICOMs in stage_2_train/")
         res = build_cache([(f.stem, f) for f in files], tmp, img_size=args.size, progress=False)
@@ -110,12 +111,12 @@ def step_ips(args: argparse.Namespace, device: torch.device, amp: bool) -> float
     from lib.models.factory import create_model
     from lib.train.fit import WeightedBCE
 
-    model = create_model(args.arch).to(device).train()
+    model = create_model(args.arch, num_classes=len(get_task("ich").labels)).to(device).train()
     x = torch.randn(args.bs, 3, args.size, args.size, device=device)
     y = (torch.rand(args.bs, 6, device=device) < 0.2).float()
     if amp:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    opt, loss_fn = Adam(list(model.parameters()), lr=1e-4), WeightedBCE().to(device)
+    opt, loss_fn = Adam(list(model.parameters()), lr=1e-4), WeightedBCE(get_task("ich").weights).to(device)
     warm = WARM if device.type == "cuda" else 1  # CPU steps are slow and need no autotuning
     for i in range(warm + args.steps):
         if i == warm:
@@ -152,9 +153,10 @@ def learner_ips(dl: DataLoader, args: argparse.Namespace, device: torch.device) 
 
     dls = DataLoaders(dl, DataLoader([]))
     dls._device = device
-    model = create_model(args.arch).to(device).to(memory_format=torch.channels_last)
+    model = create_model(args.arch, num_classes=len(get_task("ich").labels))
+    model = model.to(device).to(memory_format=torch.channels_last)
     timer = Timer()
-    learn = Learner(dls, model, WeightedBCE(), opt_func=OPTIMIZERS.get("adamw"), lr=1e-4,
+    learn = Learner(dls, model, WeightedBCE(get_task("ich").weights), opt_func=OPTIMIZERS.get("adamw"), lr=1e-4,
                     cbs=[MixedPrecision("bf16"), ChannelsLastInput(), SkipValidation(), timer])
     with learn.no_bar(), learn.no_logging():
         learn.fit(1)

@@ -43,7 +43,7 @@ import numpy as np
 import pydicom
 
 from lib.io.dicom import DicomError, lenient_reading, read_hu
-from lib.tasks.ich.data import CompetitionData
+from lib.tasks import get_task
 
 NAIVE_WINDOWS = ((40, 80), (80, 200), (40, 380))  # (center, width) HU, as in the 2019 solutions' scripts
 
@@ -121,9 +121,10 @@ def bench_preprocess(data: str, n: int = 200, size: int = 256, workers: Optional
     """Throughput of decode-only, the naive conversion and `build_cache` (1 process, all cores); see module doc."""
     from lib.imaging.windowing import build_cache, cv2_single_thread, keep_freed_memory
 
-    files = pick_files(CompetitionData.at(data).train_dir, n)
+    train_dir = Path(data) / get_task("ich").layout["train_images"]  # the ICH download's train images
+    files = pick_files(train_dir, n)
     if not files:
-        raise ValueError(f"no 512x512 DICOMs in {CompetitionData.at(data).train_dir}")
+        raise ValueError(f"no 512x512 DICOMs in {train_dir}")
     n, workers = len(files), workers or len(os.sched_getaffinity(0))
     for f in files:  # warm the OS file cache so the disk does not dominate
         f.read_bytes()

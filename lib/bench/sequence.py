@@ -24,11 +24,16 @@ import torch
 from torch.utils.data import DataLoader
 from lib.progress import progress_bar
 
-from lib.tasks.ich.labels import SUBTYPES
+from lib.tasks import get_task
 from lib.models.seq_heads import create_head
 from lib.sequence.features import SeriesDataset, collate_series, feature_dim, masked_weighted_bce, seed_worker
 
 CHUNK_ROWS = 8192
+
+
+def _labels() -> tuple:
+    """The benchmark reproduces the ICH sequence stage at full scale: its label names."""
+    return get_task("ich").labels
 
 
 def add_sequence_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -100,7 +105,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     index = synthetic_index(lengths)
     n = len(index)
     write_embeddings(workdir / "emb.npy", n, args.dim, rng)
-    np.save(workdir / "logits.npy", rng.normal(-3, 2, size=(n, len(SUBTYPES))).astype(np.float16))
+    np.save(workdir / "logits.npy", rng.normal(-3, 2, size=(n, len(_labels()))).astype(np.float16))
     block = rng.permutation(len(lengths))  # export order: whole series in a shuffled order
     rows = np.empty(n, np.int64)
     rows[np.concatenate([np.arange(s, s + m) for s, m in zip((np.cumsum(lengths) - lengths)[block],
@@ -114,7 +119,7 @@ def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.devic
     """Train the lstm head for `args.steps` batches; returns timings (data wait vs compute)."""
     torch.manual_seed(args.seed)
     amp = device.type == "cuda" and args.precision == "bf16"
-    model = create_head("lstm", feature_dim(args.dim), len(SUBTYPES), hidden=args.hidden).to(device).train()
+    model = create_head("lstm", feature_dim(args.dim, len(_labels())), len(_labels()), hidden=args.hidden).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dl = DataLoader(ds, batch_size=args.bs, shuffle=True, collate_fn=collate_series, num_workers=args.num_workers,
                     worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
@@ -128,7 +133,7 @@ def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.devic
         t_data += t1 - t_prev
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = model(batch["x"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True))
-        loss = masked_weighted_bce(out, batch["y"].to(device), batch["mask"].to(device))
+        loss = masked_weighted_bce(out, batch["y"].to(device), batch["mask"].to(device), get_task("ich").weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -172,7 +177,7 @@ def run_sequence_bench(args: argparse.Namespace) -> Dict[str, Any]:
         index = pd.read_parquet(workdir / "index.parquet")
         rng = np.random.default_rng(args.seed + 1)
         labels = pd.DataFrame((rng.random((len(index), 6)) < 0.05).astype(np.uint8), index=index["image_id"],
-                              columns=list(SUBTYPES))
+                              columns=list(_labels()))
         rows = pd.Series(index["row"].to_numpy(), index=index["image_id"].to_numpy())
         ds = SeriesDataset(index, emb, logits, rows, labels, crop=(24, 48), reverse_p=0.5, seed=args.seed)
         t2 = time.perf_counter()

@@ -1,5 +1,5 @@
 """A run's inference weights as one bundle: what test-time inference needs, found in a finished run, packaged as a
-Kaggle dataset (`python -m lib.kaggle package-weights`) and read back by `lib.infer`.
+Kaggle dataset (`python -m lib.kaggle package-weights`) and read back by `lib.tasks.ich.infer`.
 
 `collect_weights(run_dir)` returns the manifest (preprocessing from the cache's meta.json, the fold CNNs' arch / mode,
 their size / TTA / checkpoint from the embed stage's own records (lib.train.embed), the sequence strategies the blend

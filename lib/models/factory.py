@@ -58,7 +58,7 @@ def close_matches(arch: str, n: int = 8) -> List[str]:
     return list(dict.fromkeys(wild + fuzzy))[:n]
 
 
-def create_model(arch: str, num_classes: int = 6, pretrained: bool = False, pretrained_weights: Optional[str] = None,
+def create_model(arch: str, num_classes: int, pretrained: bool = False, pretrained_weights: Optional[str] = None,
                  drop_rate: float = 0.0, **kwargs: Any) -> nn.Module:
     """timm model `arch` (timm or MODEL_ZOO name) with a `num_classes`-output classifier.
 
@@ -140,3 +140,13 @@ def forward_embed(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torc
     emb = model.forward_head(feats, pre_logits=True)
     logits = model.get_classifier()(emb)
     return emb, logits
+
+
+def classifier_outputs(arch: str, state: Dict[str, Any]) -> int:
+    """The number of outputs of `arch`'s classifier in a saved `state` dict (the task's number of labels)."""
+    probe = create_model(arch, num_classes=1)
+    head = probe.get_classifier()
+    names = [n for n, p in probe.named_parameters() if p is getattr(head, "weight", None)]
+    if not names or names[0] not in state:
+        raise ValueError(f"cannot find {arch}'s classifier weight in the checkpoint (looked for {names})")
+    return int(state[names[0]].shape[0])

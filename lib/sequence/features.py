@@ -1,9 +1,9 @@
 """Series batching for the sequence stage: per-slice features from CNN embeddings, series items, padding masks, loss.
 
 A series is every slice of one `series_uid` (one series per study in RSNA), ordered by `slice_idx` (along the slice
-normal, deterministic tie-break; see `lib.dicom`). Per slice t the input vector is (F = 3*D + 9 float32 values)
+normal, deterministic tie-break; see `lib.dicom`). Per slice t the input vector is (F = 3*D + C + 3 float32 values, C the CNN's logits: 6 for ICH)
 
-    [e_t (D), e_t - e_{t-1} (D), e_t - e_{t+1} (D), CNN logits (6), spacing_prev/scale, spacing_next/scale, rel_pos]
+    [e_t (D), e_t - e_{t-1} (D), e_t - e_{t+1} (D), CNN logits (C), spacing_prev/scale, spacing_next/scale, rel_pos]
 
 with the deltas zero at the series ends (where the index also has spacing 0). Embeddings are read from a float16
 (N, D) memmap one series at a time, so the full array is never loaded. Heads live in `lib.seq_heads`; training
@@ -22,29 +22,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from lib.progress import progress_bar
 
-from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
 from lib.evaluate.metrics import weighted_bce_with_logits
 from lib.paths import PathLike, RunPaths, embedding_files
 from lib.models.seq_heads import create_head
 
 N_META = 3  # spacing_prev, spacing_next, rel_pos
-N_EXTRA = len(SUBTYPES) + N_META
 
 
 class SequenceDataError(ValueError):
     """Inputs of the sequence stage (index, embeddings rows, labels) do not fit together."""
 
 
-def feature_dim(emb_dim: int) -> int:
-    """Per-slice input size F for embeddings of size D: 3*D + 6 logits + 3 meta values."""
-    return 3 * int(emb_dim) + N_EXTRA
+def feature_dim(emb_dim: int, n_logits: int) -> int:
+    """Per-slice input size F for slice vectors of size D and the CNN's L logits: 3*D + L + 3 meta values."""
+    return 3 * int(emb_dim) + int(n_logits) + N_META
 
 
 def slice_features(emb: np.ndarray, logits: np.ndarray, meta: np.ndarray,
                    has_prev: bool = False, has_next: bool = False) -> np.ndarray:
-    """Per-slice inputs of one ordered run of slices -> float32 (L, 3D+9).
+    """Per-slice inputs of one ordered run of slices -> float32 (L, 3D+C+3).
 
-    emb (L', D) and logits (L', 6) may carry one extra neighbour row on each side (`has_prev`/`has_next`), used
+    emb (L', D) and logits (L', C) may carry one extra neighbour row on each side (`has_prev`/`has_next`), used
     only for the deltas of the first/last returned slice; meta (L, 3) = [spacing_prev, spacing_next, rel_pos],
     already scaled. Without a neighbour the delta is zero.
     """
@@ -58,12 +56,12 @@ def slice_features(emb: np.ndarray, logits: np.ndarray, meta: np.ndarray,
     return np.concatenate([e[lo:hi], d_prev, d_next, lg, np.asarray(meta, dtype=np.float32)], axis=1)
 
 
-def reverse_features(x: np.ndarray, emb_dim: int) -> np.ndarray:
+def reverse_features(x: np.ndarray, emb_dim: int, n_logits: int) -> np.ndarray:
     """Features of the same slices read in the opposite direction: flip order, swap prev/next deltas and spacings."""
     d = int(emb_dim)
     out = np.ascontiguousarray(x[::-1])
     out[:, d:2 * d], out[:, 2 * d:3 * d] = out[:, 2 * d:3 * d].copy(), out[:, d:2 * d].copy()
-    sp = 3 * d + len(SUBTYPES)
+    sp = 3 * d + int(n_logits)
     out[:, [sp, sp + 1]] = out[:, [sp + 1, sp]]
     return out
 
@@ -73,11 +71,12 @@ def _as_row_series(rows_by_image: Union[Mapping[str, int], pd.Series]) -> pd.Ser
 
 
 class SeriesDataset(Dataset):
-    """One item per series: {"x": float32 (L, F), "y": float32 (L, 6), "image_id": list[str] (L)}.
+    """One item per series: {"x": float32 (L, F), "y": float32 (L, C), "image_id": list[str] (L)}.
 
     index_df: header index rows (image_id, series key, slice_idx, spacing_prev, spacing_next, rel_pos [mm, 0..1]).
-    emb: float16 (N, D) array or memmap; logits: (N, 6); rows_by_image: image_id -> row of emb/logits.
-    labels: wide table (index image_id, SUBTYPES) or None (then y is all zeros). crop=(min_len, max_len) draws a
+    emb: float16 (N, D) array or memmap; logits: (N, C), the CNN's; rows_by_image: image_id -> row of emb/logits.
+    labels: wide table (index image_id, one column per label of the task) or None (then y is all zeros and
+    `label_names` names the C predicted columns). crop=(min_len, max_len) draws a
     random contiguous window per item (deltas still use the true neighbours); reverse_p is the chance of reading
     the series backwards (reverse_p=1.0 always reverses: test-time flip). `rel_pos` stays the anatomical position.
     """
@@ -85,13 +84,16 @@ class SeriesDataset(Dataset):
     def __init__(self, index_df: pd.DataFrame, emb: np.ndarray, logits: np.ndarray,
                  rows_by_image: Union[Mapping[str, int], pd.Series], labels: Optional[pd.DataFrame] = None,
                  series_key: str = "series_uid", crop: Optional[Tuple[int, int]] = None, reverse_p: float = 0.0,
-                 seed: int = 0, spacing_scale: float = 10.0) -> None:
+                 seed: int = 0, spacing_scale: float = 10.0, label_names: Optional[Sequence[str]] = None) -> None:
         need = {"image_id", series_key, "slice_idx", "spacing_prev", "spacing_next", "rel_pos"}
         missing = sorted(need - set(index_df.columns))
         if missing:
             raise SequenceDataError(f"index_df lacks columns {missing}; expected {sorted(need)}")
-        if emb.ndim != 2 or logits.shape != (emb.shape[0], len(SUBTYPES)):
-            raise SequenceDataError(f"emb must be (N, D) and logits (N, 6); got {emb.shape} and {logits.shape}")
+        if emb.ndim != 2 or logits.ndim != 2 or len(logits) != len(emb):
+            raise SequenceDataError(f"emb must be (N, D) and logits (N, C); got {emb.shape} and {logits.shape}")
+        self.label_names = tuple(labels.columns) if labels is not None else tuple(label_names or ())
+        if len(self.label_names) != logits.shape[1]:
+            raise SequenceDataError(f"{logits.shape[1]} CNN logits per slice but labels {list(self.label_names)}")
         if crop is not None and not (1 <= int(crop[0]) <= int(crop[1])):
             raise ValueError(f"crop must be (min_len, max_len) with 1 <= min_len <= max_len; got {crop}")
         df = index_df.sort_values([series_key, "slice_idx", "image_id"], kind="stable")
@@ -124,7 +126,7 @@ class SeriesDataset(Dataset):
     def _lookup_labels(self, labels: Optional[pd.DataFrame]) -> Optional[np.ndarray]:
         if labels is None:
             return None
-        y = labels.reindex(self.image_ids)[list(SUBTYPES)]
+        y = labels.reindex(self.image_ids)
         if y.isna().any().any():
             bad = self.image_ids[y.isna().any(axis=1).to_numpy()]
             raise SequenceDataError(f"{len(bad)} images of index_df have no labels, e.g. {bad[:3].tolist()}")
@@ -158,10 +160,10 @@ class SeriesDataset(Dataset):
         rows = self.rows[s0 + lo:s0 + hi]
         x = slice_features(self.emb[rows], self.logits[rows], self.meta[s0 + a:s0 + b],
                            has_prev=a > lo, has_next=hi > b)
-        y = self.y[s0 + a:s0 + b] if self.y is not None else np.zeros((b - a, len(SUBTYPES)), np.float32)
+        y = self.y[s0 + a:s0 + b] if self.y is not None else np.zeros((b - a, len(self.label_names)), np.float32)
         ids = self.image_ids[s0 + a:s0 + b].tolist()
         if self.reverse_p > 0 and (self.reverse_p >= 1.0 or self.rng.random() < self.reverse_p):
-            x, y, ids = reverse_features(x, self.emb_dim), y[::-1], ids[::-1]
+            x, y, ids = reverse_features(x, self.emb_dim, len(self.label_names)), y[::-1], ids[::-1]
         return {"x": np.ascontiguousarray(x, np.float32), "y": np.ascontiguousarray(y, np.float32), "image_id": ids}
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -191,12 +193,12 @@ def seed_worker(worker_id: int) -> None:
 
 
 def collate_series(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Post-pad a list of series items: x (B, Lmax, F) float32, y (B, Lmax, 6), mask bool (B, Lmax) True on real
+    """Post-pad a list of series items: x (B, Lmax, F) float32, y (B, Lmax, C), mask bool (B, Lmax) True on real
     slices, lengths int64 (B,), image_id list of B lists."""
     lengths = torch.tensor([len(it["image_id"]) for it in items], dtype=torch.int64)
     bsz, lmax, nf = len(items), int(lengths.max()), items[0]["x"].shape[1]
     x = torch.zeros(bsz, lmax, nf, dtype=torch.float32)
-    y = torch.zeros(bsz, lmax, len(SUBTYPES), dtype=torch.float32)
+    y = torch.zeros(bsz, lmax, items[0]["y"].shape[1], dtype=torch.float32)
     for b, it in enumerate(items):
         x[b, :lengths[b]] = torch.from_numpy(np.require(it["x"], requirements="W"))  # memmap views are read-only
         y[b, :lengths[b]] = torch.from_numpy(np.require(it["y"], requirements="W"))
@@ -212,7 +214,7 @@ def collate_for_learner(items: Sequence[Dict[str, Any]]) -> Tuple[torch.Tensor, 
 
 def split_output(out: Union[torch.Tensor, Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A head's output -> (main logits (B, L, 6), aux logits or None)."""
+    """A head's output -> (main logits (B, L, C), aux logits or None)."""
     if isinstance(out, dict):
         return out["logits"], out.get("aux")
     if isinstance(out, (tuple, list)):
@@ -221,7 +223,7 @@ def split_output(out: Union[torch.Tensor, Tuple[torch.Tensor, ...], Dict[str, to
 
 
 def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                        weights: Sequence[float] = tuple(WEIGHTS)) -> torch.Tensor:
+                        weights: Sequence[float]) -> torch.Tensor:
     """The metric-weighted BCE (`lib.evaluate.metrics.weighted_bce_with_logits`) over real slices only.
 
     logits, y: (B, L, C); mask: bool (B, L).
@@ -230,24 +232,25 @@ def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tenso
 
 
 class SeqLoss:
-    """fastai loss_func(pred, y, mask): masked weighted BCE of the main logits + aux_weight * the same on aux."""
+    """fastai loss_func(pred, y, mask): masked weighted BCE of the main logits + aux_weight * the same on aux;
+    `weights`: the task's metric weight per label."""
 
-    def __init__(self, aux_weight: float = 0.0) -> None:
-        self.aux_weight = float(aux_weight)
+    def __init__(self, weights: Sequence[float], aux_weight: float = 0.0) -> None:
+        self.weights, self.aux_weight = tuple(float(w) for w in weights), float(aux_weight)
 
     def __call__(self, pred: Any, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         main, aux = split_output(pred)
-        loss = masked_weighted_bce(main, y, mask)
+        loss = masked_weighted_bce(main, y, mask, self.weights)
         if aux is not None and self.aux_weight > 0:
-            loss = loss + self.aux_weight * masked_weighted_bce(aux, y, mask)
+            loss = loss + self.aux_weight * masked_weighted_bce(aux, y, mask, self.weights)
         return loss
 
 
-def items_to_frame(ids: List[List[str]], probs: List[np.ndarray]) -> pd.DataFrame:
-    """Per-series image ids and (L, 6) probabilities -> wide table indexed by image_id (SUBTYPES columns)."""
+def items_to_frame(ids: List[List[str]], probs: List[np.ndarray], label_names: Sequence[str]) -> pd.DataFrame:
+    """Per-series image ids and (L, C) probabilities -> wide table indexed by image_id (`label_names` columns)."""
     flat_ids = [i for seq in ids for i in seq]
-    vals = np.concatenate(probs, axis=0) if probs else np.zeros((0, len(SUBTYPES)))
-    df = pd.DataFrame(vals, index=pd.Index(flat_ids, name="image_id"), columns=list(SUBTYPES))
+    vals = np.concatenate(probs, axis=0) if probs else np.zeros((0, len(label_names)))
+    df = pd.DataFrame(vals, index=pd.Index(flat_ids, name="image_id"), columns=list(label_names))
     if df.index.duplicated().any():
         raise SequenceDataError(f"image ids predicted twice, e.g. {df.index[df.index.duplicated()][:3].tolist()}")
     return df
@@ -255,7 +258,7 @@ def items_to_frame(ids: List[List[str]], probs: List[np.ndarray]) -> pd.DataFram
 
 @dataclass(frozen=True)
 class EmbeddingSet:
-    """One CNN fold model's exported inputs: emb float16 (N, D) memmap, logits (N, 6), rows image_id -> row."""
+    """One CNN fold model's exported inputs: emb float16 (N, D) memmap, logits (N, C), rows image_id -> row."""
 
     name: str
     emb: np.ndarray
@@ -309,6 +312,6 @@ def predict_probs(models: List[nn.Module], ds: SeriesDataset, bs: int = 32, flip
             for b, n in enumerate(batch["lengths"].tolist()):
                 ids.append(batch["image_id"][b])
                 probs.append(p[b, :n])
-        frame = items_to_frame(ids, probs)
+        frame = items_to_frame(ids, probs, ds.label_names)
         total = frame if total is None else total + frame.reindex(total.index)
     return total / len(views)

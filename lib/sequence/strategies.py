@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,6 @@ from sklearn.model_selection import GroupKFold
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, wide_to_long
 from lib.evaluate.metrics import metric_report, weighted_log_loss
 from lib.paths import PathLike, RunPaths, atomic_write, atomic_write_text
 from lib.train.precision import resolve_precision
@@ -70,7 +69,11 @@ def register_strategy(name: str) -> Callable:
 
 
 class MaskedWLL(Metric):
-    """The task metric (`lib.evaluate.metrics.weighted_log_loss`) over the real validation slices of an epoch."""
+    """The task metric (`lib.evaluate.metrics.weighted_log_loss` with the task's `weights`) over the real validation
+    slices of an epoch."""
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        self.weights = tuple(weights)
 
     def reset(self) -> None:
         self.preds: List[np.ndarray] = []
@@ -86,7 +89,7 @@ class MaskedWLL(Metric):
     def value(self) -> Optional[float]:
         if not self.preds or not sum(len(p) for p in self.preds):
             return None
-        return weighted_log_loss(np.concatenate(self.targs), np.concatenate(self.preds), WEIGHTS)
+        return weighted_log_loss(np.concatenate(self.targs), np.concatenate(self.preds), self.weights)
 
     @property
     def name(self) -> str:
@@ -112,33 +115,34 @@ class KeepStates(Callback):
             self.best = self.metric.value if self.metric.value is not None else self.best
 
 
-def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, out_dir: Path,
-             tag: str, fingerprint: str = "") -> Tuple[List[nn.Module], Dict[str, Any]]:
-    """Train one head with `fit_one_cycle`; save `{tag}.pth` (+ fastai `log_{tag}.csv`) under out_dir.
+def fit_head(train_ds: Dataset, valid_ds: Dataset, cfg: SeqConfig, in_dim: int, weights: Sequence[float],
+             out_dir: Path, tag: str, fingerprint: str = "") -> Tuple[List[nn.Module], Dict[str, Any]]:
+    """Train one head with `fit_one_cycle` (one output per label, loss and metric weighted by the task's `weights`);
+    save `{tag}.pth` (+ fastai `log_{tag}.csv`) under out_dir.
 
     Returns the model(s) to predict with (one, or one per snapshot) and a small log dict.
     """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = create_head(cfg.head, in_dim, len(SUBTYPES), **cfg.head_kwargs).to(device)
+    model = create_head(cfg.head, in_dim, len(weights), **cfg.head_kwargs).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     kw = dict(batch_size=cfg.bs, collate_fn=collate_for_learner, num_workers=cfg.num_workers,
               worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
     dls = DataLoaders(DataLoader(train_ds, shuffle=True, generator=gen, **kw), DataLoader(valid_ds, **kw))
     dls.n_inp = 2  # batch = (x, mask | y, mask): model(x, mask), loss(pred, y, mask)
-    metric = MaskedWLL()
+    metric = MaskedWLL(weights)
     keep = KeepStates(metric, cfg.select, cfg.snapshot_epochs)
     cbs = [CSVLogger(fname=f"log_{tag}.csv"), keep]
     precision = resolve_precision(cfg.mixed_precision, device)  # the CNN stage's rule
     if precision:
         cbs.append(MixedPrecision(precision))
-    learn = Learner(dls, model, loss_func=SeqLoss(cfg.aux_weight), metrics=[metric], wd=cfg.wd, path=out_dir,
+    learn = Learner(dls, model, loss_func=SeqLoss(weights, cfg.aux_weight), metrics=[metric], wd=cfg.wd, path=out_dir,
                     model_dir=".", cbs=cbs)
     with (nullcontext() if cfg.progress else learn.no_bar()), (nullcontext() if cfg.progress else learn.no_logging()):
         learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr)
     if not keep.states:
         raise SequenceDataError(f"{tag}: the validation metric was never finite (NaN inputs or a diverged model)")
-    ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "num_classes": len(SUBTYPES),
+    ckpt = {"head": cfg.head, "head_kwargs": cfg.head_kwargs, "in_dim": in_dim, "num_classes": len(weights),
             "states": keep.states, "fingerprint": fingerprint}
     atomic_write(out_dir / f"{tag}.pth", lambda tmp: torch.save(ckpt, tmp))  # a killed run leaves no half head
     log = {"tag": tag, "best_epoch": keep.best_epoch, "valid_wll_best": keep.best if keep.best_epoch >= 0 else None,
@@ -159,15 +163,16 @@ class _Run:
     test_sets: Dict[int, EmbeddingSet]
     test: Optional[pd.DataFrame]
     in_dim: int
+    weights: Tuple[float, ...]
     provenance: List[Dict[str, Any]] = field(default_factory=list)
     logs: List[Dict[str, Any]] = field(default_factory=list)
 
     def dataset(self, df: pd.DataFrame, es: EmbeddingSet, train: bool, labelled: bool = True) -> SeriesDataset:
         c = self.cfg
         return SeriesDataset(df, slice_vectors(es, c), es.logits, es.rows, self.labels if labelled else None,
-                             c.series_key,
-                             crop=c.crop if train else None, reverse_p=c.reverse_p if train else 0.0,
-                             seed=c.seed + len(self.provenance), spacing_scale=c.spacing_scale)
+                             c.series_key, crop=c.crop if train else None, reverse_p=c.reverse_p if train else 0.0,
+                             seed=c.seed + len(self.provenance), spacing_scale=c.spacing_scale,
+                             label_names=list(self.labels.columns))
 
     def note(self, model: str, role: str, es: EmbeddingSet, df: pd.DataFrame) -> None:
         self.provenance.append({"model": model, "role": role, "source": es.name,
@@ -188,7 +193,8 @@ class _Run:
                 self.logs.append({"tag": model, "reused": str(done)})
                 return load_models(ckpt, resolve_device(self.cfg.device)), valid_ds
         train_ds = ConcatDataset([self.dataset(df, es, train=True) for df, es in parts])
-        models, log = fit_head(train_ds, valid_ds, self.cfg, self.in_dim, out_dir, tag=model, fingerprint=fp)
+        models, log = fit_head(train_ds, valid_ds, self.cfg, self.in_dim, self.weights, out_dir, tag=model,
+                               fingerprint=fp)
         self.logs.append(log)
         return models, valid_ds
 
@@ -272,11 +278,14 @@ def _train_table(index_df: pd.DataFrame, folds: pd.DataFrame, labels: pd.DataFra
 
 
 def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFrame, labels: pd.DataFrame,
-                   cfg: SeqConfig, strategy: str = "pooled", test_index_df: Optional[pd.DataFrame] = None,
-                   write: bool = True) -> Dict[str, Any]:
+                   cfg: SeqConfig, weights: Sequence[float], strategy: str = "pooled",
+                   test_index_df: Optional[pd.DataFrame] = None, write: bool = True,
+                   test_writer: Optional[Callable[[pd.DataFrame, Path], None]] = None) -> Dict[str, Any]:
     """Train sequence heads over the CNN folds; returns {oof, test (wide, index image_id), metrics, provenance}.
 
-    With `write`: predictions/oof_seq_{strategy}.csv (wide), predictions/test_seq_{strategy}.csv (Kaggle long),
+    labels: wide table (index image_id, one column per label of the task, in its order); weights: the task's metric
+    weight per label. With `write`: predictions/oof_seq_{strategy}.csv (wide), predictions/test_seq_{strategy}.csv
+    (written by `test_writer(wide, path)`, e.g. the task's submission format; default wide),
     models/seq_{strategy}/fold{k}/*.pth + log_*.csv + train_log.json, and metrics.json keys oof_seq_{strategy}_*.
     """
     t0, strat = time.time(), STRATEGIES.get(strategy)
@@ -286,8 +295,11 @@ def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFram
     oof_sets = {k: open_embedding_set(run_dir, "oof", k, cfg.emb_suffix) for k in ks}
     test_sets = ({k: open_embedding_set(run_dir, "test", k, cfg.emb_suffix) for k in ks}
                  if test_index_df is not None else {})
+    if len(weights) != labels.shape[1]:
+        raise SequenceDataError(f"{len(weights)} metric weights for {labels.shape[1]} labels {list(labels.columns)}")
+    first = oof_sets[ks[0]]
     run = _Run(cfg, paths, strategy, train, labels, oof_sets, test_sets, test_index_df,
-               feature_dim(slice_vectors(oof_sets[ks[0]], cfg).shape[1]))
+               feature_dim(slice_vectors(first, cfg).shape[1], first.logits.shape[1]), tuple(float(w) for w in weights))
     oof_parts, test_parts = strat.fit(run)
     test = strat.test.average(test_parts) if test_parts else None
     oof, expected = pd.concat(oof_parts), train["image_id"].astype(str).to_numpy()
@@ -296,31 +308,33 @@ def train_sequence(run_dir: PathLike, index_df: pd.DataFrame, folds: pd.DataFram
     oof = oof.reindex(pd.Index(expected, name="image_id"))
     if not np.isfinite(oof.to_numpy()).all() or (test is not None and not np.isfinite(test.to_numpy()).all()):
         raise SequenceDataError(f"{strategy}: non-finite predictions (NaN inputs or a diverged model)")
-    y = labels.reindex(oof.index)[list(SUBTYPES)].to_numpy(np.float64)
-    cnn = _cnn_oof_probs(train, oof_sets).reindex(oof.index).to_numpy()
-    metrics = {**metric_report(y, oof.to_numpy(), f"oof_seq_{strategy}", SUBTYPES, WEIGHTS),
-               f"oof_seq_{strategy}_input_cnn_logloss": weighted_log_loss(y, cnn, WEIGHTS),
+    names = list(labels.columns)
+    y = labels.reindex(oof.index).to_numpy(np.float64)
+    cnn = _cnn_oof_probs(train, oof_sets, names).reindex(oof.index).to_numpy()
+    metrics = {**metric_report(y, oof.to_numpy(), f"oof_seq_{strategy}", names, run.weights),
+               f"oof_seq_{strategy}_input_cnn_logloss": weighted_log_loss(y, cnn, run.weights),
                f"seq_{strategy}_train_s": round(time.time() - t0, 1)}
     if write:
-        _write(run, oof, test, metrics)
+        _write(run, oof, test, metrics, test_writer)
     return {"oof": oof, "test": test, "metrics": metrics, "provenance": run.provenance, "logs": run.logs}
 
 
-def _cnn_oof_probs(train: pd.DataFrame, sets: Dict[int, EmbeddingSet]) -> pd.DataFrame:
+def _cnn_oof_probs(train: pd.DataFrame, sets: Dict[int, EmbeddingSet], names: Sequence[str]) -> pd.DataFrame:
     """The CNN's own OOF probabilities (sigmoid of the exported logits) for the labelled images."""
     frames = []
     for k, es in sets.items():
         ids = train.loc[train["fold"] == k, "image_id"].astype(str).to_numpy()
         logits = np.asarray(es.logits[es.rows.reindex(ids).to_numpy()], dtype=np.float64)
-        frames.append(pd.DataFrame(expit(logits), index=ids, columns=list(SUBTYPES)))
+        frames.append(pd.DataFrame(expit(logits), index=ids, columns=list(names)))
     return pd.concat(frames)
 
 
-def _write(run: _Run, oof: pd.DataFrame, test: Optional[pd.DataFrame], metrics: Dict[str, Any]) -> None:
+def _write(run: _Run, oof: pd.DataFrame, test: Optional[pd.DataFrame], metrics: Dict[str, Any],
+           test_writer: Optional[Callable[[pd.DataFrame, Path], None]]) -> None:
     s = run.strategy
     run.paths.record(f"oof_seq_{s}", write_predictions(oof, run.paths.oof_predictions(f"seq_{s}")))
     if test is not None:
-        atomic_write_text(run.paths.test_predictions(f"seq_{s}"), wide_to_long(test).to_csv(index=False))
+        (test_writer or write_predictions)(test, run.paths.test_predictions(f"seq_{s}"))
         run.paths.record(f"test_seq_{s}", run.paths.test_predictions(f"seq_{s}"))
     counts = [{**{k: v for k, v in p.items() if k != "image_ids"}, "n_images": len(p["image_ids"])}
               for p in run.provenance]

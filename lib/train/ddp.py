@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
-from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
 from lib.evaluate.metrics import per_class_log_loss, weighted_mean
 from lib.train.precision import PRECISIONS, resolve_device, resolve_precision  # noqa: F401 (re-exported)
 
@@ -193,9 +192,11 @@ class DDPCallback(Callback):
 
 # ---------------------------------------------------------------- validation metrics over all ranks
 class CompetitionLogLoss(Metric):
-    """Validation weighted log loss (sigmoid + lib.metrics) over the full validation set, gathered across ranks."""
+    """Validation weighted log loss (sigmoid + lib.evaluate.metrics) over the full validation set, gathered across
+    ranks; `labels` / `weights`: the task's label names and metric weights."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: Sequence[str], weights: Sequence[float]) -> None:
+        self.labels, self.weights = tuple(labels), tuple(weights)
         self.per_class: Optional[np.ndarray] = None
 
     def reset(self) -> None:
@@ -208,13 +209,13 @@ class CompetitionLogLoss(Metric):
 
     @property
     def value(self) -> Optional[float]:
-        empty = torch.zeros((0, len(SUBTYPES)))
+        empty = torch.zeros((0, len(self.labels)))
         p = gather_rows(torch.cat(self.preds) if self.preds else empty).numpy()
         y = gather_rows(torch.cat(self.targs) if self.targs else empty).numpy()
         if not len(p):
             return None
         self.per_class = per_class_log_loss(y, p)
-        return weighted_mean(self.per_class, WEIGHTS)
+        return weighted_mean(self.per_class, self.weights)
 
     @property
     def name(self) -> str:
@@ -233,9 +234,10 @@ class ClassLogLoss(Metric):
 
     @property
     def name(self) -> str:
-        return f"logloss_{SUBTYPES[self.j]}"
+        return f"logloss_{self.parent.labels[self.j]}"
 
 
-def make_metrics(per_class: bool = True) -> List[Metric]:
-    main = CompetitionLogLoss()
-    return [main] + ([ClassLogLoss(main, j) for j in range(len(SUBTYPES))] if per_class else [])
+def make_metrics(labels: Sequence[str], weights: Sequence[float], per_class: bool = True) -> List[Metric]:
+    """The validation metric (weighted log loss) and, with `per_class`, one log loss per label."""
+    main = CompetitionLogLoss(labels, weights)
+    return [main] + ([ClassLogLoss(main, j) for j in range(len(main.labels))] if per_class else [])

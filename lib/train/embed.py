@@ -2,7 +2,7 @@
 
 Files per export, `<prefix>` e.g. RUN/embeddings/oof_fold0:
   <prefix>.npy          float16 (N, D) pre-logits embedding (np.load(..., mmap_mode="r") works);
-  <prefix>_logits.npy   float16 (N, 6) logits, SUBTYPES order;
+  <prefix>_logits.npy   float16 (N, L) logits, the task's label order;
   <prefix>.parquet      image_id, row (row = position in the two arrays);
   <prefix>.json         the export's record: tta views, checkpoint (relative to the embeddings folder when inside the
                         run), arch, mode, img_size (the size used), n, dim; written last (lib.kaggle.bundle reads it).
@@ -29,8 +29,7 @@ from lib.progress import progress_bar
 from lib.data.augment import create_transform
 from lib.data.datasets import ImageDataset, ImageLoader, worker_init_fn
 from lib.train.precision import autocast_dtype, resolve_device
-from lib.tasks.ich.labels import SUBTYPES
-from lib.models.factory import create_model, embedding_dim, forward_embed, norm_stats
+from lib.models.factory import classifier_outputs, create_model, embedding_dim, forward_embed, norm_stats
 from lib.paths import RunPaths, atomic_write_text, embedding_files
 from lib.registry import Registry
 
@@ -52,7 +51,7 @@ def load_model(checkpoint: PathLike, arch: str, device: torch.device) -> Tuple[n
     cfg = ckpt.get("cfg", {}) if "model" in ckpt else {}
     if cfg.get("arch", arch) != arch:
         raise ValueError(f"{path} was trained with arch {cfg['arch']!r}, not {arch!r}")
-    model = create_model(arch, num_classes=len(SUBTYPES))
+    model = create_model(arch, num_classes=classifier_outputs(arch, state))
     model.load_state_dict(state)
     return model.to(device).eval(), cfg
 
@@ -107,7 +106,7 @@ def export_embeddings(checkpoint: PathLike, arch: str, cache_dir: PathLike, imag
     tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in paths.items() if k != "record"}
     dim = embedding_dim(model)
     emb_out = np.lib.format.open_memmap(tmp["embeddings"], mode="w+", dtype=np.float16, shape=(len(ids), dim))
-    logits_out = np.zeros((len(ids), len(SUBTYPES)), np.float16)
+    logits_out = np.zeros((len(ids), model.get_classifier().out_features), np.float16)
     for batch in progress_bar(dl, desc=f"embed {prefix.name}", unit="batch", leave=False):
         x = batch["image"].to(dev, non_blocking=True)
         if cuda:

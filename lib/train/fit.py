@@ -1,7 +1,8 @@
 """Train one fold of the 2D classifier with a fastai `Learner` over plain torch DataLoaders; resumable; DDP-ready.
 
-    python -m lib.train --run-dir RUN --cache-dir CACHE --fold 0 --config cfg.json --labels stage_2_train.csv
-    torchrun --nproc_per_node 4 -m lib.train ...   # the same code as 4 DDP processes (see lib.ddp)
+    python -m lib.train.fit --run-dir RUN --cache-dir CACHE --fold 0 --config cfg.json --labels labels.parquet \
+        --weights '[1, 1, 1, 1, 1, 2]'
+    torchrun --nproc_per_node 4 -m lib.train.fit ...   # the same code as 4 DDP processes (see lib.train.ddp)
 
 Outputs in `RunPaths.at(run_dir).model_dir(fold)` (fold -1 = all labelled images, no validation):
   epoch{e}.pth        {"model", "opt" (latest epoch only unless keep_optimizer="all"), "epoch", "best_epoch",
@@ -49,7 +50,6 @@ from lib.train import ddp
 from lib.train.precision import PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from lib.data.augment import AUGMENTATIONS, create_transform
 from lib.data.datasets import MODES, ImageDataset, ImageLoader, SubsampleSampler, worker_init_fn
-from lib.tasks.ich.labels import SUBTYPES, WEIGHTS, read_labels
 from lib.models.factory import MODEL_ZOO, Norm, check_norm, create_model, norm_stats  # noqa: F401 (re-exported)
 from lib.evaluate.metrics import weighted_bce_with_logits
 from lib.paths import RunPaths, atomic_write_text
@@ -137,13 +137,14 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- loss and metrics
 class WeightedBCE(nn.Module):
-    """BCE-with-logits weighted like the metric: sum over (rows, labels) of w * bce / (N * sum(w)), w = 2 for any.
+    """BCE-with-logits weighted like the metric: sum over (rows, labels) of w * bce / (N * sum(w)), `weights` the
+    task's metric weights per label (ICH: any = 2, subtypes 1).
 
-    logits, target: float (N, 6) in SUBTYPES order. Equals `lib.metrics.weighted_log_loss(target, sigmoid(logits))`
+    logits, target: float (N, L) in the task's label order. Equals `lib.metrics.weighted_log_loss(target, sigmoid(logits))`
     (without its probability clipping).
     """
 
-    def __init__(self, weights: Sequence[float] = tuple(WEIGHTS)) -> None:
+    def __init__(self, weights: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("weights", torch.as_tensor(np.asarray(weights, np.float32)))
 
@@ -189,14 +190,15 @@ def _subset(ids: np.ndarray, n: Optional[int], seed: int) -> np.ndarray:
 
 
 def split_fold(folds: pd.DataFrame, labels: pd.DataFrame, fold: int, cfg: TrainConfig) -> Tuple[np.ndarray, ...]:
-    """(train ids, train labels (N, 6) float32, valid ids, valid labels) of `fold` (-1: all images, no valid)."""
+    """(train ids, train labels (N, L) float32, valid ids, valid labels) of `fold` (-1: all images, no valid);
+    L = the columns of the wide `labels` table, in its order."""
     missing = [c for c in ("image_id", "fold") if c not in folds.columns]
     if missing:
         raise KeyError(f"folds lacks columns {missing}; expected image_id, fold (lib.folds.make_folds)")
     if fold >= 0 and fold not in set(folds["fold"].astype(int)):
         raise ValueError(f"fold {fold} is not in the folds table (folds: {sorted(set(folds['fold'].astype(int)))})")
     ids = folds["image_id"].astype(str).to_numpy()
-    lab = labels.reindex(ids)[list(SUBTYPES)]
+    lab = labels.reindex(ids)
     if lab.isna().any(axis=1).any():
         bad = ids[lab.isna().any(axis=1).to_numpy()]
         raise KeyError(f"{len(bad)} images of the folds table have no labels, e.g. {bad[:3].tolist()}")
@@ -219,7 +221,8 @@ def build_dataloaders(cache_dir: PathLike, split: Tuple[np.ndarray, ...], cfg: T
     common = dict(mode=cfg.mode, neighbours=neighbours, mean=mean, std=std)
     train_ds = ImageDataset(cache_dir, tr_ids, tr_y, transform=tf, **common)
     valid_ds = ImageDataset(cache_dir, va_ids, va_y, transform=create_transform("none", cfg.img_size), **common)
-    sampler = SubsampleSampler(tr_y[:, SUBTYPES.index("any")], cfg.neg_frac, cfg.seed, shuffle=True,
+    # a negative image has no positive label (for ICH: any = 0)
+    sampler = SubsampleSampler(tr_y.max(axis=1), cfg.neg_frac, cfg.seed, shuffle=True,
                                rank=env.rank, num_replicas=env.world_size)
     loader = dict(num_workers=cfg.num_workers, collate_fn=collate_xy, worker_init_fn=worker_init_fn,
                   pin_memory=env.device.type == "cuda")
@@ -303,11 +306,12 @@ def _fit_callbacks(learn: Learner, cfg: TrainConfig, env: ddp.DistEnv, state: Di
 
 
 def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labels: pd.DataFrame, fold: int,
-               cfg: TrainConfig, neighbours: Optional[pd.DataFrame] = None, cbs: Optional[list] = None,
-               dump_state: Optional[str] = None) -> Dict[str, Any]:
+               cfg: TrainConfig, weights: Sequence[float], neighbours: Optional[pd.DataFrame] = None,
+               cbs: Optional[list] = None, dump_state: Optional[str] = None) -> Dict[str, Any]:
     """Train the 2D classifier on folds != `fold`, validate on fold == `fold` (fold -1: everything, no validation).
 
-    folds: image_id, fold (lib.folds); labels: wide 0/1 table (index image_id, SUBTYPES columns); neighbours: table
+    folds: image_id, fold (lib.folds); labels: wide 0/1 table (index image_id, one column per label of the task, in
+    its order); weights: the task's metric weight per label (loss and validation metric); neighbours: table
     of lib.data.neighbours for mode="adjacent". Writes to RunPaths.at(run_dir).model_dir(fold) (see module doc) and
     returns the train_result.json dict. Under torchrun (WORLD_SIZE > 1) this is one DDP rank; only rank 0 writes.
     `cbs`: extra fastai callbacks (tests); `dump_state`: test hook, each rank saves its final model state_dict to
@@ -323,7 +327,9 @@ def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labe
         state = _initial_state(out_dir, cfg, env.device, write=env.is_main)
         ddp.barrier()  # every rank has read the checkpoint before rank 0 writes anything
         seed_everything(cfg.seed)
-        model = create_model(cfg.arch, num_classes=len(SUBTYPES), pretrained=cfg.pretrained_weights is not None,
+        if len(weights) != labels.shape[1]:
+            raise ValueError(f"{len(weights)} metric weights for {labels.shape[1]} label columns {list(labels.columns)}")
+        model = create_model(cfg.arch, num_classes=labels.shape[1], pretrained=cfg.pretrained_weights is not None,
                              pretrained_weights=cfg.pretrained_weights, drop_rate=cfg.drop_rate)
         if "model" in state:
             model.load_state_dict(state.pop("model"))
@@ -333,8 +339,9 @@ def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labe
             model.to(memory_format=torch.channels_last)
         dls, sampler, tf = build_dataloaders(cache_dir, split, cfg, env, neighbours, model=model)
         net = ddp.wrap(model, env)
-        learn = Learner(dls, net, loss_func=WeightedBCE(), opt_func=OPTIMIZERS.get(cfg.opt), lr=cfg.lr, wd=cfg.wd,
-                        metrics=ddp.make_metrics(cfg.per_class_metrics) if has_valid else None, path=out_dir)
+        metrics = ddp.make_metrics(list(labels.columns), weights, cfg.per_class_metrics) if has_valid else None
+        learn = Learner(dls, net, loss_func=WeightedBCE(weights), opt_func=OPTIMIZERS.get(cfg.opt), lr=cfg.lr,
+                        wd=cfg.wd, metrics=metrics, path=out_dir)
         fit_cbs, precision = _fit_callbacks(learn, cfg, env, state, out_dir, has_valid, sampler, tf, net)
         learn.create_opt()
         if "opt" in state:
@@ -347,7 +354,8 @@ def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labe
                   "epochs_done": len(state["history"]), "history": state["history"], "wall_time_s": state["elapsed_s"],
                   "call_wall_time_s": time.time() - t0, "resumed_from": state.get("resumed_from"),
                   "n_train": len(split[0]), "n_valid": len(split[2]), "world_size": env.world_size,
-                  "device": str(env.device), "precision": precision, "model_dir": str(out_dir), "cfg": asdict(cfg)}
+                  "device": str(env.device), "precision": precision, "model_dir": str(out_dir), "cfg": asdict(cfg),
+                  "labels": [str(c) for c in labels.columns]}
         if env.is_main:
             atomic_write_text(out_dir / "train_result.json", json.dumps(result, indent=1))
         ddp.barrier()
@@ -356,15 +364,16 @@ def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labe
 
 # ---------------------------------------------------------------- launching (notebooks) and the CLI
 def _read_table(path: PathLike, kind: str) -> pd.DataFrame:
-    """Read labels / folds / neighbours: parquet or CSV; a Kaggle `ID,Label` CSV is read with lib.labels."""
+    """Read labels / folds / neighbours: parquet or CSV; labels are the wide table (image_id + one column per label;
+    a task's own format, e.g. ICH's `ID,Label` rows, is converted by the caller)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"image_id": str})
     if kind == "labels":
-        if list(df.columns) == ["ID", "Label"]:
-            return read_labels(path)
-        return df.set_index("image_id") if "image_id" in df.columns else df
+        if "image_id" not in df.columns:
+            raise ValueError(f"{path}: labels must be a wide table with an image_id column; columns: {list(df.columns)}")
+        return df.set_index("image_id")
     return df.astype({"image_id": str})
 
 
@@ -376,26 +385,26 @@ def _as_frame(obj: Union[pd.DataFrame, PathLike, None], kind: str, default: Opti
     return _read_table(obj if obj is not None else default, kind)
 
 
-def launch(run_dir: PathLike, cache_dir: PathLike, fold: int, cfg: TrainConfig, nproc: int = 1,
-           folds: Union[pd.DataFrame, PathLike, None] = None, labels: Union[pd.DataFrame, PathLike, None] = None,
-           neighbours: Union[pd.DataFrame, PathLike, None] = None, extra_args: Sequence[str] = ()) -> Dict[str, Any]:
+def launch(run_dir: PathLike, cache_dir: PathLike, fold: int, cfg: TrainConfig,
+           labels: Union[pd.DataFrame, PathLike], weights: Sequence[float], nproc: int = 1,
+           folds: Union[pd.DataFrame, PathLike, None] = None, neighbours: Union[pd.DataFrame, PathLike, None] = None,
+           extra_args: Sequence[str] = ()) -> Dict[str, Any]:
     """Train one fold from a notebook: in this process when nproc == 1, else `torchrun --nproc_per_node nproc`.
 
-    folds default: the run's folds.csv; labels default: the artefact "labels" recorded in the run dir (a Kaggle
-    `ID,Label` CSV or a wide table with image_id). DataFrames are handed to torchrun through temporary parquet files.
+    labels: the wide table (or its parquet/CSV file); weights: the task's metric weight per label column; folds
+    default: the run's folds.csv. DataFrames are handed to torchrun through temporary parquet files.
     """
     rp = RunPaths.at(run_dir)
     if nproc <= 1:
-        return train_fold(run_dir, cache_dir, _as_frame(folds, "folds", rp.folds),
-                          _as_frame(labels, "labels", rp.lookup("labels") if labels is None else None), fold, cfg,
-                          neighbours=_as_frame(neighbours, "neighbours", None))
+        return train_fold(run_dir, cache_dir, _as_frame(folds, "folds", rp.folds), _as_frame(labels, "labels", None),
+                          fold, cfg, weights, neighbours=_as_frame(neighbours, "neighbours", None))
     gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
     if gpus and nproc > gpus:
         raise ValueError(f"nproc={nproc} DDP processes need one GPU each, but {gpus} CUDA device(s) are visible "
                          f"(nccl refuses two ranks on one GPU); use nproc <= {gpus} or device='cpu' (gloo)")
     with tempfile.TemporaryDirectory(prefix="rsna_launch_") as tmp:
         args = ["--run-dir", str(rp.root), "--cache-dir", str(cache_dir), "--fold", str(fold),
-                "--config", str(Path(tmp) / "cfg.json")]
+                "--config", str(Path(tmp) / "cfg.json"), "--weights", json.dumps([float(w) for w in weights])]
         atomic_write_text(Path(tmp) / "cfg.json", json.dumps(asdict(cfg)))
         for flag, obj in (("--folds", folds), ("--labels", labels), ("--neighbours", neighbours)):
             if isinstance(obj, pd.DataFrame):
@@ -417,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, required=True, help="validation fold; -1 = train on all labelled images")
     p.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
     p.add_argument("--folds", default=None, help="folds CSV/parquet (default: RUN/folds.csv)")
-    p.add_argument("--labels", default=None, help="stage_2_train.csv or wide labels (default: artefact 'labels')")
+    p.add_argument("--labels", required=True, help="wide labels (parquet or CSV: image_id + one column per label)")
+    p.add_argument("--weights", required=True, help="JSON list: the metric weight of each label column")
     p.add_argument("--neighbours", default=None, help="neighbours table (mode='adjacent')")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields (JSON values)")
     p.add_argument("--dump-final-state", default=None, help="test hook: each rank saves its final state_dict here "
@@ -439,11 +449,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         key, _, value = item.partition("=")
         conf[key] = _parse_value(value)
     rp = RunPaths.at(a.run_dir)
-    labels = _read_table(a.labels or rp.lookup("labels"), "labels")
+    labels = _read_table(a.labels, "labels")
     folds = _read_table(a.folds or rp.folds, "folds")
     nb = _read_table(a.neighbours, "neighbours") if a.neighbours else None
-    return train_fold(a.run_dir, a.cache_dir, folds, labels, a.fold, TrainConfig.from_dict(conf), neighbours=nb,
-                      dump_state=a.dump_final_state)
+    return train_fold(a.run_dir, a.cache_dir, folds, labels, a.fold, TrainConfig.from_dict(conf),
+                      json.loads(a.weights), neighbours=nb, dump_state=a.dump_final_state)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,11 @@ def wide_to_long(wide: pd.DataFrame, value_col: str = "Label") -> pd.DataFrame:
     ids = np.char.add(np.repeat(wide.index.to_numpy().astype(str), len(SUBTYPES)),
                       np.tile(np.array(["_" + s for s in SUBTYPES]), len(wide)))
     return pd.DataFrame({"ID": ids, value_col: vals.reshape(-1)})
+
+
+def write_long(wide: pd.DataFrame, path: Union[str, Path]) -> Path:
+    """Write wide predictions as Kaggle `ID,Label` rows (6 per image), atomically; returns the path."""
+    from lib.paths import atomic_write_text
+
+    atomic_write_text(path, wide_to_long(wide).to_csv(index=False))
+    return Path(path)

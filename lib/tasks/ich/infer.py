@@ -120,7 +120,7 @@ def seq_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, strategy: str, d
         models = load_models(bundle.path(m["file"]), dev)
         for k in m["cnn_folds"]:
             ds = SeriesDataset(index, slice_vectors(sets[k], cfg), sets[k].logits, sets[k].rows, None,
-                               cfg.series_key, spacing_scale=cfg.spacing_scale)
+                               cfg.series_key, spacing_scale=cfg.spacing_scale, label_names=SUBTYPES)
             preds.append((k, predict_probs(models, ds, bs=max(cfg.bs, 32), flip=cfg.tta_flip, progress=progress)))
     return rule.average(preds)
 
