@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from lib.evaluate.metrics import EPS, weighted_log_loss
+from lib.evaluate.metrics import weighted_log_loss
 from lib.paths import PathLike, atomic_write
 from lib.registry import Registry
 

@@ -586,3 +586,11 @@ def test_offline_kernel_on_simulated_kaggle_input(tmp_path, monkeypatch, kaggle_
     sizes = {k: kg.folder_size(v) for k, v in datasets.items()}
     print(f"\nkaggle proof: dataset bytes {sizes}; kernel wall {wall:.1f} s (inference {info['inference_seconds']} s"
           f" for {info['inference_n_images']} test images)")
+
+
+def test_inference_finds_the_repo_requirements_by_default():
+    """The default requirements file is the repo's (the module moved into lib/tasks/ich once and lost it)."""
+    from lib.tasks.ich import infer
+
+    rep = infer.requirements_report()
+    assert "torch" in rep.index and rep.loc["torch", "ok"]

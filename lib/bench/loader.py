@@ -3,15 +3,15 @@
     python -m lib.bench loader [--data DIR | --cache DIR] [--arch resnet18] [--size 128] [--bs 32] [--workers N]
                                [--steps S] [--loader-steps L] [--aug demo] [--mode single|adjacent]
 
-  loader_ips            the training DataLoader (lib.data.ImageDataset + the `--aug` recipe, `--workers` processes,
+  loader_ips            the training DataLoader (lib.data.datasets.ImageDataset + the `--aug` recipe, `--workers` processes,
                         collate to (images, targets)) iterated alone over a cache of PNGs: `--cache` (a cache folder),
-                        else `--data` (the first 256 DICOMs of DATA/stage_2_train rendered by lib.windowing into a
+                        else `--data` (the first 256 DICOMs of DATA/stage_2_train rendered by lib.imaging.windowing into a
                         temporary cache), else a synthetic cache of head-like PNGs;
   step_ips              model train steps (forward + backward + fastai Adam step) on synthetic tensors of the same
                         shape, no loader; loader_vs_step = loader_ips / step_ips (>= 3: the loader is not the limit).
-On CUDA also (bf16 autocast + channels_last, as lib.train runs):
+On CUDA also (bf16 autocast + channels_last, as lib.train.fit runs):
   model_only_ips        the train step on tensors already on the GPU;
-  train_ips             a fastai Learner (lib.train callbacks) fed by the real loader (pinned memory);
+  train_ips             a fastai Learner (lib.train.fit callbacks) fed by the real loader (pinned memory);
   train_vs_model_only   train_ips / model_only_ips (>= 0.7: loading and fastai overhead cost < 30 %).
 Timings skip the first batches (worker start-up, cudnn autotune). Register with `add_loader_parser(subparsers)`.
 """
@@ -72,7 +72,7 @@ def _cache_ids(args: argparse.Namespace, tmp: Path) -> tuple:
 
 
 def make_loader(cache: Path, ids: List[str], args: argparse.Namespace, n_items: int, pin: bool) -> DataLoader:
-    """The training DataLoader of lib.train (transform, collate, worker seeding) over `n_items` random draws."""
+    """The training DataLoader of lib.train.fit (transform, collate, worker seeding) over `n_items` random draws."""
     from lib.data.augment import create_transform
     from lib.data.datasets import ImageDataset, ImageLoader, worker_init_fn
     from lib.train.fit import collate_xy, norm_stats
@@ -132,7 +132,7 @@ def step_ips(args: argparse.Namespace, device: torch.device, amp: bool) -> float
 
 
 def learner_ips(dl: DataLoader, args: argparse.Namespace, device: torch.device) -> float:
-    """A fastai Learner with lib.train's precision / channels_last callbacks, fed by the real loader."""
+    """A fastai Learner with lib.train.fit's precision / channels_last callbacks, fed by the real loader."""
     from fastai.callback.core import Callback
     from fastai.callback.fp16 import MixedPrecision
     from fastai.data.core import DataLoaders
@@ -198,14 +198,14 @@ def add_loader_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help="Kaggle-layout folder: cache its first 256 train DICOMs")
     src.add_argument("--cache", default=None, help="an existing cache folder of <image_id>.png")
-    p.add_argument("--arch", default="resnet18", help="model name (lib.models)")
+    p.add_argument("--arch", default="resnet18", help="model name (lib.models.factory)")
     p.add_argument("--size", type=int, default=128, help="training image side in pixels")
     p.add_argument("--bs", type=int, default=32, help="batch size")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: all cores)")
     p.add_argument("--steps", type=int, default=None, help="timed model steps, also Learner steps on CUDA "
                    "(default: 3 on CPU, 30 on CUDA)")
     p.add_argument("--loader-steps", type=int, default=40, help="timed loader batches")
-    p.add_argument("--aug", default="demo", help="augmentation recipe (lib.augment)")
+    p.add_argument("--aug", default="demo", help="augmentation recipe (lib.data.augment)")
     p.add_argument("--mode", default="single", choices=("single", "adjacent"), help="dataset input mode")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=run_loader_bench)

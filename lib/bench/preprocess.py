@@ -13,13 +13,13 @@ rounds that each run every variant once, interleaved; the fastest of each is rep
   ceiling_ips        pydicom dcmread + pixel_array only, one process (decode cannot get faster than this);
   naive_ips          the 2019 solutions' way (NoBrainer/Appian): dcmread -> float64 HU -> 3 windows at full 512 px,
                      each scaled by its own window, minus its min, x255 -> cv2.resize -> cv2.imwrite PNG, one process;
-  ours_1proc_ips     `lib.windowing.build_cache` with workers=1 into a fresh folder;
+  ours_1proc_ips     `lib.imaging.windowing.build_cache` with workers=1 into a fresh folder;
   ours_parallel_ips  the same with `--workers` processes (default all cores), fresh folder, starting and
                      joining the worker processes included.
 Ratios: ours_vs_naive = ours_1proc / naive (same resources), ours_parallel_vs_naive, ours_vs_ceiling =
 ours_1proc / ceiling, parallel_speedup = ours_parallel / ours_1proc. One-process timings run with
 cv2.setNumThreads(1) so "one process" means one core. build_cache tunes glibc malloc
-(`lib.windowing.keep_freed_memory`); every timing above runs with the same setting, and
+(`lib.imaging.windowing.keep_freed_memory`); every timing above runs with the same setting, and
 naive_default_malloc_ips is the naive conversion as shipped (default malloc, measured first).
 Also reported: CPU ms per image of the one-process runs (time.process_time; robust when other jobs share the
 cores), ours_vs_naive_cpu, and the 1-minute load average at the end (ratios are only meaningful when it is
@@ -159,7 +159,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes for the parallel run (default: all cores)")
     p.add_argument("--repeat", type=int, default=5, help="rounds; each times every variant once, the fastest "
                    "of each is reported")
-    p.add_argument("--policy", default="brain_subdural_soft", help="window policy name (lib.windowing.POLICIES)")
+    p.add_argument("--policy", default="brain_subdural_soft", help="window policy name (lib.imaging.windowing.POLICIES)")
     p.set_defaults(func=lambda a: bench_preprocess(a.data, a.n, a.size, a.workers, a.repeat, a.policy))
 
 

@@ -119,7 +119,8 @@ def train_steps(ds: SeriesDataset, args: argparse.Namespace, device: torch.devic
     """Train the lstm head for `args.steps` batches; returns timings (data wait vs compute)."""
     torch.manual_seed(args.seed)
     amp = device.type == "cuda" and args.precision == "bf16"
-    model = create_head("lstm", feature_dim(args.dim, len(_labels())), len(_labels()), hidden=args.hidden).to(device).train()
+    n = len(_labels())
+    model = create_head("lstm", feature_dim(args.dim, n), n, hidden=args.hidden).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dl = DataLoader(ds, batch_size=args.bs, shuffle=True, collate_fn=collate_series, num_workers=args.num_workers,
                     worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))

@@ -117,7 +117,7 @@ def create_transform(recipe: str, img_size: int, seed: Optional[int] = None, **o
 
     uint8 (H, W, 3) in -> uint8 (img_size, img_size, 3) out. `overrides` change the recipe's options
     (see `recipe_options`); `seed` fixes the Compose RNG (else each DataLoader worker is reseeded by
-    `lib.data.worker_init_fn`). Unknown recipe -> KeyError listing the names; unknown option -> TypeError.
+    `lib.data.datasets.worker_init_fn`). Unknown recipe -> KeyError listing the names; unknown option -> TypeError.
     """
     factory = AUGMENTATIONS.get(recipe)
     valid = recipe_options(recipe)

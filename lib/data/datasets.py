@@ -1,7 +1,8 @@
 """Datasets and samplers for the 2D stage: cached uint8 images -> normalised tensors, slice neighbours, subsampling.
 
-Batches are dicts: {"image": float32 (B, 3, S, S), "target": float32 (B, L) in the task's label order, "image_id":
-list of str, "index": int64 (B,)}. Images come from the windowed cache (`lib.windowing.load_cached`, uint8 (S, S, 3) RGB).
+Batches are dicts: {"image": float32 (B, 3, S, S), "target": float32 (B, L) in the task's label order,
+"image_id": list of str, "index": int64 (B,)}. Images come from the windowed cache
+(`lib.imaging.windowing.load_cached`, uint8 (S, S, 3) RGB).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ MODES = ("single", "adjacent")
 def neighbours(index: pd.DataFrame) -> pd.DataFrame:
     """Previous / next slice of every image within its series, from the ordered header index.
 
-    index: image_id, series_uid, slice_idx (order along the slice normal, see `lib.dicom.order_slices`).
+    index: image_id, series_uid, slice_idx (order along the slice normal, see `lib.io.dicom_index.order_slices`).
     Returns image_id, prev_id, next_id in the row order of `index`; at the ends of a series the missing
     neighbour is the slice itself (as the 1st and 3rd places did). Gaps in slice_idx (dropped files) are skipped.
     """
@@ -49,7 +50,7 @@ def neighbours(index: pd.DataFrame) -> pd.DataFrame:
 class ImageDataset(Dataset):
     """Cached windowed slices as normalised tensors, with their labels.
 
-    cache_dir: a cache folder of `lib.windowing.build_cache` (`<image_id>.png` / `.npy`, uint8 (S, S, 3) RGB).
+    cache_dir: a cache folder of `lib.imaging.windowing.build_cache` (`<image_id>.png` / `.npy`, uint8 (S, S, 3) RGB).
     image_ids: the N images of this dataset; labels: (N, L) 0/1 in the task's label order, or None (target = zeros
     of `num_classes`).
     mode: "single" = the cached 3-window image; "adjacent" = channel `adjacent_channel` (the policy's first window,
@@ -81,7 +82,7 @@ class ImageDataset(Dataset):
 
     def _align_neighbours(self, table: Optional[pd.DataFrame]) -> tuple:
         if table is None:
-            raise ValueError("mode='adjacent' needs the `neighbours` table (lib.data.neighbours(index))")
+            raise ValueError("mode='adjacent' needs the `neighbours` table (lib.data.datasets.neighbours(index))")
         lut = table.drop_duplicates("image_id").set_index("image_id")
         pos = lut.index.get_indexer(self.image_ids)
         if (pos < 0).any():
@@ -127,7 +128,7 @@ class ImageLoader(DataLoader):
     Linux DataLoader workers are forked. When the parent had run cv2 with its thread pool (a notebook that showed
     images, the main-process validation path), a forked worker inherits that pool's lock state and hangs for ever
     in its first cv2 call (seen on a 16-core GPU box; tests/test_data.py reproduces it on 2 cores). The pool is set
-    to one thread (which stops its threads) only while the workers start (`lib.windowing.cv2_single_thread`).
+    to one thread (which stops its threads) only while the workers start (`lib.imaging.windowing.cv2_single_thread`).
     """
 
     def _get_iterator(self):  # the one place torch starts worker processes (once with persistent_workers)

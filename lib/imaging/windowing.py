@@ -294,7 +294,7 @@ def cv2_single_thread() -> Iterator[None]:
     """cv2 on one thread (its pool's worker threads stopped) inside the block, the previous setting after it.
 
     Around a fork: a child that inherits cv2's pool state hangs for ever in its first cv2 call (cache workers here,
-    DataLoader workers in lib.data.ImageLoader). Around a benchmark: every pipeline measured on one core."""
+    DataLoader workers in lib.data.datasets.ImageLoader). Around a benchmark: every pipeline measured on one core."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:

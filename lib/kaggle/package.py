@@ -117,11 +117,11 @@ def package_code(out: Optional[PathLike] = None, slug: str = CODE_SLUG, user: Op
 
 def package_weights(run: PathLike, out: Optional[PathLike] = None, slug: Optional[str] = None,
                     user: Optional[str] = None, license_name: str = LICENSE, half: bool = False) -> Path:
-    """Copy a run's inference models (`lib.bundle.collect_weights`: fold CNN best.pth, sequence heads, blend) into a
+    """Copy a run's inference models (`lib.kaggle.bundle.collect_weights`: fold CNN best.pth, sequence heads, blend) into a
     dataset folder with a manifest (architecture, preprocessing, params, folds, OOF metrics, git commit).
 
     Files are flattened to one level (`cnn_fold0.pth`, ...) so the dataset needs no --dir-mode. `half`: store CNN
-    weights as float16 (half the size; `lib.infer` loads them back as float32).
+    weights as float16 (half the size; `lib.tasks.ich.infer` loads them back as float32).
     """
     from lib.kaggle import bundle
 

@@ -2,7 +2,7 @@
 
 C = `num_classes`, the task's number of labels (6 for ICH), given at construction.
 
-Batches are post-padded (`lib.sequence.collate_series`); every head is mask-correct: a real slice's output does not
+Batches are post-padded (`lib.sequence.features.collate_series`); every head is mask-correct: a real slice's output does not
 depend on how much padding follows it (RNNs are packed, convolutions see zeros at padded positions exactly as at a
 series end, attention uses a key padding mask). Heads with an auxiliary per-slice output return (main, aux).
 """

@@ -30,7 +30,7 @@ class SeqConfig:
     #: notebook parameters a field is built from, where they differ from the field's own name
     PARAMS: ClassVar[Dict[str, Tuple[str, ...]]] = {"crop": ("crop_min", "crop_max")}
 
-    head: str                               # registry name in lib.seq_heads.HEADS
+    head: str                               # registry name in lib.models.seq_heads.HEADS
     head_kwargs: Dict[str, Any]
     epochs: int
     lr: float                               # one-cycle max lr

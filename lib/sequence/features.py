@@ -1,13 +1,14 @@
 """Series batching for the sequence stage: per-slice features from CNN embeddings, series items, padding masks, loss.
 
 A series is every slice of one `series_uid` (one series per study in RSNA), ordered by `slice_idx` (along the slice
-normal, deterministic tie-break; see `lib.dicom`). Per slice t the input vector is (F = 3*D + C + 3 float32 values, C the CNN's logits: 6 for ICH)
+normal, deterministic tie-break; see `lib.io.dicom_index`). Per slice t the input vector is F = 3*D + C + 3
+float32 values (C: the CNN's logits, 6 for ICH)
 
     [e_t (D), e_t - e_{t-1} (D), e_t - e_{t+1} (D), CNN logits (C), spacing_prev/scale, spacing_next/scale, rel_pos]
 
 with the deltas zero at the series ends (where the index also has spacing 0). Embeddings are read from a float16
-(N, D) memmap one series at a time, so the full array is never loaded. Heads live in `lib.seq_heads`; training
-(fastai) and the fold strategies in `lib.seq_train`; inference (`load_models`, `predict_probs`) is here, without fastai.
+(N, D) memmap one series at a time, so the full array is never loaded. Heads live in `lib.models.seq_heads`; training
+(fastai) and the fold strategies in `lib.sequence.strategies`; inference (`load_models`, `predict_probs`) is here, without fastai.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""fastai callbacks and helpers of the CNN training loop (lib.train): per-epoch reseeding for exact resume, the
+"""fastai callbacks and helpers of the CNN training loop (lib.train.fit): per-epoch reseeding for exact resume, the
 resumable CSV log, epoch checkpoints with best-epoch tracking and early stopping, channels_last input, no-validation
 runs (fold -1)."""
 from __future__ import annotations

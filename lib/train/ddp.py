@@ -3,7 +3,7 @@
 One code path for CPU (gloo) and CUDA (nccl). fastai's own `distrib_ctx` / `DistributedTrainer` calls `.cuda()` and
 wraps fastai DataLoaders only, so it is not used. Layout under `torchrun --nproc_per_node N`:
 * training: the model is wrapped in `DistributedDataParallel` (gradients averaged, rank 0's buffers broadcast before
-  each forward); each rank reads its shard of the epoch (`lib.data.SubsampleSampler` with rank / num_replicas);
+  each forward); each rank reads its shard of the epoch (`lib.data.datasets.SubsampleSampler` with rank / num_replicas);
 * validation: every rank runs the *unwrapped* module on a disjoint strided shard (`ShardSampler`, no padding), and
   the loss and metrics are all-gathered so every rank sees the value over the full validation set (same best epoch,
   same early stopping decision on every rank). Rank 0 alone writes checkpoints and logs.

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -50,7 +50,7 @@ from lib.train import ddp
 from lib.train.precision import PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from lib.data.augment import AUGMENTATIONS, create_transform
 from lib.data.datasets import MODES, ImageDataset, ImageLoader, SubsampleSampler, worker_init_fn
-from lib.models.factory import MODEL_ZOO, Norm, check_norm, create_model, norm_stats  # noqa: F401 (re-exported)
+from lib.models.factory import Norm, check_norm, create_model, norm_stats  # noqa: F401 (norm_stats re-exported)
 from lib.evaluate.metrics import weighted_bce_with_logits
 from lib.paths import RunPaths, atomic_write_text
 from lib.registry import Registry
@@ -80,7 +80,7 @@ class TrainConfig:
     img_size: int
     pretrained_weights: Optional[str]         # local timm/torchvision state_dict file; None = random init
     mode: str                                 # "single" 3-window slice | "adjacent" slices s-1, s, s+1
-    aug: str                                  # lib.augment recipe name for training (validation uses "none")
+    aug: str                                  # lib.data.augment recipe name for training (validation uses "none")
     epochs: int
     lr: float
     wd: float
@@ -140,7 +140,8 @@ class WeightedBCE(nn.Module):
     """BCE-with-logits weighted like the metric: sum over (rows, labels) of w * bce / (N * sum(w)), `weights` the
     task's metric weights per label (ICH: any = 2, subtypes 1).
 
-    logits, target: float (N, L) in the task's label order. Equals `lib.metrics.weighted_log_loss(target, sigmoid(logits))`
+    logits, target: float (N, L) in the task's label order. Equals
+    `lib.evaluate.metrics.weighted_log_loss(target, sigmoid(logits), weights)`
     (without its probability clipping).
     """
 
@@ -194,7 +195,7 @@ def split_fold(folds: pd.DataFrame, labels: pd.DataFrame, fold: int, cfg: TrainC
     L = the columns of the wide `labels` table, in its order."""
     missing = [c for c in ("image_id", "fold") if c not in folds.columns]
     if missing:
-        raise KeyError(f"folds lacks columns {missing}; expected image_id, fold (lib.folds.make_folds)")
+        raise KeyError(f"folds lacks columns {missing}; expected image_id, fold (lib.data.folds.make_folds)")
     if fold >= 0 and fold not in set(folds["fold"].astype(int)):
         raise ValueError(f"fold {fold} is not in the folds table (folds: {sorted(set(folds['fold'].astype(int)))})")
     ids = folds["image_id"].astype(str).to_numpy()
@@ -310,9 +311,9 @@ def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labe
                cbs: Optional[list] = None, dump_state: Optional[str] = None) -> Dict[str, Any]:
     """Train the 2D classifier on folds != `fold`, validate on fold == `fold` (fold -1: everything, no validation).
 
-    folds: image_id, fold (lib.folds); labels: wide 0/1 table (index image_id, one column per label of the task, in
+    folds: image_id, fold (lib.data.folds); labels: wide 0/1 table (index image_id, one column per label of the task, in
     its order); weights: the task's metric weight per label (loss and validation metric); neighbours: table
-    of lib.data.neighbours for mode="adjacent". Writes to RunPaths.at(run_dir).model_dir(fold) (see module doc) and
+    of lib.data.datasets.neighbours for mode="adjacent". Writes to RunPaths.at(run_dir).model_dir(fold) (see module doc) and
     returns the train_result.json dict. Under torchrun (WORLD_SIZE > 1) this is one DDP rank; only rank 0 writes.
     `cbs`: extra fastai callbacks (tests); `dump_state`: test hook, each rank saves its final model state_dict to
     dump_state.format(rank=rank).
@@ -328,7 +329,8 @@ def train_fold(run_dir: PathLike, cache_dir: PathLike, folds: pd.DataFrame, labe
         ddp.barrier()  # every rank has read the checkpoint before rank 0 writes anything
         seed_everything(cfg.seed)
         if len(weights) != labels.shape[1]:
-            raise ValueError(f"{len(weights)} metric weights for {labels.shape[1]} label columns {list(labels.columns)}")
+            raise ValueError(f"{len(weights)} metric weights for {labels.shape[1]} label columns "
+                             f"{list(labels.columns)}")
         model = create_model(cfg.arch, num_classes=labels.shape[1], pretrained=cfg.pretrained_weights is not None,
                              pretrained_weights=cfg.pretrained_weights, drop_rate=cfg.drop_rate)
         if "model" in state:
@@ -371,8 +373,11 @@ def _read_table(path: PathLike, kind: str) -> pd.DataFrame:
         raise FileNotFoundError(f"{kind} file not found: {path}")
     df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"image_id": str})
     if kind == "labels":
+        if df.index.name == "image_id":  # a parquet written from the indexed table
+            return df
         if "image_id" not in df.columns:
-            raise ValueError(f"{path}: labels must be a wide table with an image_id column; columns: {list(df.columns)}")
+            raise ValueError(f"{path}: labels must be a wide table with an image_id column; "
+                             f"columns: {list(df.columns)}")
         return df.set_index("image_id")
     return df.astype({"image_id": str})
 
@@ -420,7 +425,7 @@ def launch(run_dir: PathLike, cache_dir: PathLike, fold: int, cfg: TrainConfig,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lib.train", description="Train one fold of the 2D classifier.")
+    p = argparse.ArgumentParser(prog="python -m lib.train.fit", description="Train one fold of the 2D classifier.")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--cache-dir", required=True, help="windowed image cache folder (<image_id>.png)")
     p.add_argument("--fold", type=int, required=True, help="validation fold; -1 = train on all labelled images")

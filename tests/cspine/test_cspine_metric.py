@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from lib.evaluate.study_logloss import global_weighted_logloss, grouped_weighted_logloss, study_weighted_logloss
-from lib.tasks.cspine.metric import (CSPINE_GROUP, CSPINE_LABELS, CSPINE_NEG_WEIGHTS, CSPINE_POS_WEIGHTS,
+from lib.tasks.cspine.metric import (CSPINE_LABELS, CSPINE_NEG_WEIGHTS, CSPINE_POS_WEIGHTS,
                                      cspine_prior_baseline, cspine_score, submission_to_wide)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,10 +1,10 @@
-"""Test-only inference from a weights bundle (`lib.bundle`): the path of the Kaggle kernel (07_inference.ipynb).
+"""Test-only inference from a weights bundle (`lib.kaggle.bundle`): the path of the Kaggle kernel (07_inference.ipynb).
 
 The bundle comes from a packaged weights folder, an attached Kaggle dataset, or straight from a finished run
-(`lib.bundle.load_bundle`). Every model goes through the same `lib` code as the training run:
-`lib.windowing.build_cache`, `lib.embed.export_embeddings` (per CNN fold, the run's TTA), `lib.sequence.predict_probs`
+(`lib.kaggle.bundle.load_bundle`). Every model goes through the same `lib` code as the training run:
+`lib.imaging.windowing.build_cache`, `lib.train.embed.export_embeddings` (per CNN fold, the run's TTA), `lib.sequence.features.predict_probs`
 (per strategy, averaged by its test rule in `lib.sequence.config.TEST_RULES`, as in training), `lib.ensemble.blend`,
-`lib.submission.write_submission`.
+`lib.tasks.ich.submission.write_submission`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lib.sequence.config import TEST_RULES, SeqConfig, TestPreds, resolve_device
 from lib.imaging import windowing
 from lib.kaggle.bundle import Bundle, BundleError
 from lib.data.datasets import neighbours
-from lib.tasks.ich.labels import SUBTYPES, split_ids
+from lib.tasks.ich.labels import SUBTYPES
 from lib.tasks.ich import submission
 from lib.tasks.ich.postprocess import any_ge_max
 from lib.paths import PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
@@ -57,7 +57,7 @@ def requirements_report(requirements: Optional[PathLike] = None) -> pd.DataFrame
 
     from packaging.requirements import Requirement
 
-    path = Path(requirements) if requirements else Path(__file__).resolve().parents[2] / "requirements.txt"
+    path = Path(requirements) if requirements else Path(__file__).resolve().parents[3] / "requirements.txt"
     rows = []
     for line in path.read_text().splitlines():
         req = Requirement(line.split("#")[0].strip()) if line.split("#")[0].strip() else None
@@ -89,7 +89,7 @@ def prepare_test(data: CompetitionData, rp: RunPaths, bundle: Bundle, workers: O
 
 def cnn_test(bundle: Bundle, rp: RunPaths, index: pd.DataFrame, cache_dir: Path, bs: int = 64,
              num_workers: int = 0, device: str = "auto") -> pd.DataFrame:
-    """Per CNN fold k: embeddings/test_fold{k}.* (lib.embed, the run's TTA) -> fold-mean probabilities (wide)."""
+    """Per CNN fold k: embeddings/test_fold{k}.* (lib.train.embed, the run's TTA) -> fold-mean probabilities (wide)."""
     cnn = bundle.manifest["cnn"]
     nbrs = neighbours(index) if cnn["mode"] == "adjacent" else None
     ids, probs = index["image_id"].astype(str).tolist(), []
@@ -167,7 +167,7 @@ def cleanup(rp: RunPaths) -> None:
 
 def write_summary(rp: RunPaths, bundle: Bundle, values: Dict[str, Any]) -> Dict[str, Any]:
     """inference/metrics.json: timings, counts, the bundle's run and commit."""
-    info = {"inference_bundle": bundle.source, "inference_code": str(Path(__file__).resolve().parents[1]),
+    info = {"inference_bundle": bundle.source, "inference_code": str(Path(__file__).resolve().parents[2]),
             "inference_run": bundle.manifest.get("run"),
             "inference_weights_commit": bundle.manifest.get("git_commit"), **values}
     atomic_write_text(rp.root / "inference.json", json.dumps(info, indent=2, default=str))

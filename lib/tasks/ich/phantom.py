@@ -6,7 +6,7 @@ rows), DIR/stage_2_sample_submission.csv, and the held-back truth in DIR/_truth/
 slices.csv: one row per image with true order / quirks / contrast fractions, bleeds.csv: one row per bleed and
 slice with a probe pixel, phantom.json: parameters and counts). Same arguments -> same bytes.
 
-Anatomy and bleeds are drawn by `lib.phantom_anatomy`, DICOM bytes come from `lib.phantom_dicom`; this module plans
+Anatomy and bleeds are drawn by `lib.tasks.ich.phantom_anatomy`, DICOM bytes come from `lib.tasks.ich.phantom_dicom`; this module plans
 the studies (patients, split, the header quirks of the RSNA files, bleed placement) and writes the files.
 """
 from __future__ import annotations

@@ -59,7 +59,7 @@ class StudyPlan:
 def encode_hu(hu: np.ndarray, encoding: str) -> Tuple[np.ndarray, Dict[str, object]]:
     """Float HU (rows, cols) -> (raw little-endian uint16/int16 pixels, header values) for one ENCODINGS name."""
     v = np.rint(hu)
-    if encoding == "bug12":  # signed data written as 12-bit unsigned: lib.dicom.fix_12bit undoes it
+    if encoding == "bug12":  # signed data written as 12-bit unsigned: lib.io.dicom.fix_12bit undoes it
         raw, hdr = np.mod(np.clip(v, -1000, 3095), 4096).astype("<u2"), (12, 0, "0")
     elif encoding == "u12":
         raw, hdr = np.clip(v + 1024, 0, 4095).astype("<u2"), (12, 0, "-1024")
