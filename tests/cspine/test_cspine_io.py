@@ -2,7 +2,6 @@
 conventions, NIfTI masks) and the bad-study reasons; plus the real slice test1.dcm."""
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,6 @@ from lib.io.ct_volume import (SegmentationShapeError, StudyError, read_ct_volume
                               segmentation_to_volume)
 from lib.tasks.cspine.phantom import encode, plan_dataset, render_study, write_study
 
-REPO = Path(__file__).resolve().parents[2]
 ARGS = dict(seed=3, studies=8, size=64, slices=(16, 24), test_studies=2)
 
 
@@ -30,15 +28,6 @@ def data(tmp_path_factory):
                                             ARGS["test_studies"])}
     return out, plans
 
-
-@pytest.fixture(scope="session")
-def real_dir() -> Path:
-    """../shared/data/real next to the repo (or $RSNA_REAL_DATA), as tests/conftest.py locates it."""
-    env = os.environ.get("RSNA_REAL_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data" / "real"
-    if not (path / "MANIFEST.csv").is_file():
-        pytest.skip(f"real data not found at {path} (set RSNA_REAL_DATA or put ../shared beside the repo)")
-    return path
 
 
 def _folder(out: Path, plan) -> Path:

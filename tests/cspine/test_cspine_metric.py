@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,17 +11,7 @@ from lib.evaluate.study_logloss import global_weighted_logloss, grouped_weighted
 from lib.tasks.cspine.metric import (CSPINE_LABELS, CSPINE_NEG_WEIGHTS, CSPINE_POS_WEIGHTS,
                                      cspine_prior_baseline, cspine_score, submission_to_wide)
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="session")
-def real_dir() -> Path:
-    """../shared/data/real next to the repo (or $RSNA_REAL_DATA), as tests/conftest.py locates it."""
-    env = os.environ.get("RSNA_REAL_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data" / "real"
-    if not (path / "MANIFEST.csv").is_file():
-        pytest.skip(f"real data not found at {path} (set RSNA_REAL_DATA or put ../shared beside the repo)")
-    return path
 
 
 def test_hand_worked_example():
