@@ -24,14 +24,15 @@ def write_ct(path: Path, pixels: np.ndarray, *, sop: str = "ID_000000001", serie
              ipp: Sequence[float] = (0.0, 0.0, 0.0), iop: Sequence[float] = AXIAL, bits_stored: int = 0,
              pixrep: int = -1, intercept: float = -1024.0, slope: float = 1.0, photometric: str = "MONOCHROME2",
              wc: object = ("00036", "00036"), ww: object = ("00080", "00080"),
-             syntax: str = ExplicitVRLittleEndian, drop: Sequence[str] = ()) -> Path:
+             syntax: str = ExplicitVRLittleEndian, drop: Sequence[str] = (), patient: str = "ID_p1",
+             study: str = "ID_st1") -> Path:
     """A minimal CT slice like the RSNA files (2-D uint16/int16 `pixels`; or (H, W, 3) uint8 for colour)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = CTImageStorage, sop, syntax
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, sop, "CT"
-    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "ID_p1", "ID_st1", series
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, study, series
     ds.ImagePositionPatient, ds.ImageOrientationPatient = list(ipp), list(iop)
     ds.PixelSpacing = [0.5, 0.5]
     ds.Rows, ds.Columns = pixels.shape[:2]

@@ -131,6 +131,10 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert state_dicts_equal(final_a, final_b)
     assert resumed["best_epoch"] == full["best_epoch"]
     assert resumed["history"][2]["logloss"] == pytest.approx(full["history"][2]["logloss"], abs=1e-12)
+    # the logs are equal too: the resumed epoch's train_loss continues fastai's smoothed loss (it used to restart)
+    log_a, log_b = (pd.read_csv(m / "log.csv").drop(columns="time") for m in (mdir_a, mdir_b))
+    pd.testing.assert_frame_equal(log_a, log_b, check_exact=True)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     best = torch.load(mdir_a / "best.pth", weights_only=True)
     assert best["epoch"] == full["best_epoch"]
     assert best["valid_logloss"] == pytest.approx(min(h["logloss"] for h in full["history"]))

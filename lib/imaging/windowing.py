@@ -6,8 +6,9 @@ docstring says. Windows are `Window(center=..., width=...)`, never bare tuples (
 crop the HU -> centred square pad with air -> resize the HU to `img_size` -> window at the small size (cheap).
 
 Cache (`build_cache`): `<cache_root>/<cache_key>/` holds meta.json (policy, windows, img_size, crop, fmt,
-version), one `<image_id>.png` (or `.npy`) per image, uint8 (S, S, 3) read back RGB by `load_cached`, and
-bad.csv (image_id, path, reason) when some files could not be read.
+version), one `<image_id>.png` (or `.npy`) per image, uint8 (S, S, 3) read back RGB by `load_cached`,
+sources.parquet (image_id, path, size, mtime_ns: the DICOM each image was rendered from, so a changed file is
+rendered again) and bad.csv (image_id, path, reason) when some files could not be read.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import pandas as pd
 from lib.progress import progress_bar
 
 from lib.io.dicom import HU_MIN, DicomError, read_hu
-from lib.paths import atomic_write_text
+from lib.io.ids import BadIdError, child_path
+from lib.paths import atomic_write, atomic_write_text
 from lib.registry import Registry
 
 PathLike = Union[str, Path]
@@ -263,14 +265,15 @@ def _build_one(task: Tuple[str, str, str, str, int, bool, str]) -> Tuple[str, st
     """Worker: one DICOM -> one cache file. Returns (image_id, path, '') or (image_id, path, reason) if bad."""
     image_id, path, out_dir, policy, img_size, crop, fmt = task
     try:
+        target = child_path(out_dir, image_id, f".{fmt}")
         hu = read_hu(path)
-    except (DicomError, FileNotFoundError) as exc:
+    except (DicomError, FileNotFoundError, BadIdError) as exc:
         return image_id, path, f"{type(exc).__name__}: {exc}"
     try:
         img = render(hu, policy, img_size, crop)
     except Exception as exc:  # a bug or an unforeseen image: stop the build, but say which file
         raise RuntimeError(f"{image_id} ({path}): rendering failed for HU image {hu.shape}: {exc!r}") from exc
-    _write_atomic(Path(out_dir) / f"{image_id}.{fmt}", _encode(img, fmt))
+    _write_atomic(target, _encode(img, fmt))
     return image_id, path, ""
 
 
@@ -355,6 +358,32 @@ def _prepare_dir(out: Path, meta: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_SOURCE_COLUMNS = ["image_id", "path", "size", "mtime_ns"]
+
+
+def _identity(path: str) -> Tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return int(st.st_size), int(st.st_mtime_ns)
+    except OSError:
+        return -1, -1
+
+
+def _read_sources(out: Path) -> Dict[str, Tuple[str, int, int]]:
+    """image_id -> (path, size, mtime_ns) of the DICOM its cached image was rendered from ({} if none recorded)."""
+    path = out / "sources.parquet"
+    if not path.exists():
+        return {}
+    df = pd.read_parquet(path)
+    return {str(i): (str(p), int(n), int(m)) for i, p, n, m in df[_SOURCE_COLUMNS].itertuples(index=False)}
+
+
+def _write_sources(out: Path, sources: Dict[str, Tuple[str, int, int]]) -> None:
+    df = pd.DataFrame([(i, *v) for i, v in sorted(sources.items())], columns=_SOURCE_COLUMNS)
+    atomic_write(out / "sources.parquet", lambda p: df.astype({"size": "int64", "mtime_ns": "int64"})
+                 .to_parquet(p, index=False))
+
+
 def _update_bad_csv(out: Path, tried: Iterable[str], bad: List[Tuple[str, str, str]]) -> None:
     """bad.csv (image_id, path, reason): rows of images retried this run are replaced by this run's outcome."""
     path = out / "bad.csv"
@@ -370,7 +399,8 @@ def build_cache(items: Union[pd.DataFrame, Iterable[Tuple[str, PathLike]]], cach
                 workers: Optional[int] = None, progress: bool = True) -> CacheResult:
     """Render every (image_id, DICOM path) to `cache_root/<cache_key>/<image_id>.<fmt>` (uint8 RGB, `render`).
 
-    Resumable: images whose file exists are skipped; each file is written to a temp name then renamed, so a
+    Resumable: an image is skipped when its file exists and was rendered from the same DICOM (path, size, mtime:
+    sources.parquet); a changed or replaced file is rendered again. Each file is written to a temp name then renamed, so a
     killed build leaves no half file (its temp files are deleted on the next run; so run one build per folder
     at a time). A folder whose meta.json differs from these parameters is refused. Unreadable files
     (DicomError, missing) go to `bad.csv` with the reason and never stop the build. `workers` processes
@@ -381,7 +411,10 @@ def build_cache(items: Union[pd.DataFrame, Iterable[Tuple[str, PathLike]]], cach
     out = Path(cache_root) / cache_key(policy, img_size, crop, fmt)
     _prepare_dir(out, cache_meta(policy, img_size, crop, fmt))
     done = {e.name for e in os.scandir(out)}
-    todo = [(i, p, str(out), policy, int(img_size), bool(crop), fmt) for i, p in pairs if f"{i}.{fmt}" not in done]
+    sources = _read_sources(out)
+    ident = {i: (p, *_identity(p)) for i, p in pairs}
+    todo = [(i, p, str(out), policy, int(img_size), bool(crop), fmt) for i, p in pairs
+            if f"{i}.{fmt}" not in done or sources.get(i) != ident[i]]
     workers = max(1, min(workers or _n_cpus(), len(todo) or 1))
     tried: List[str] = []
     bad: List[Tuple[str, str, str]] = []
@@ -398,6 +431,9 @@ def build_cache(items: Union[pd.DataFrame, Iterable[Tuple[str, PathLike]]], cach
             tried.append(image_id)
             if reason:
                 bad.append((image_id, path, reason))
+                sources.pop(image_id, None)
+            else:
+                sources[image_id] = ident[image_id]
             bar.update()
         if pool is not None:
             pool.close()
@@ -407,6 +443,8 @@ def build_cache(items: Union[pd.DataFrame, Iterable[Tuple[str, PathLike]]], cach
         if pool is not None:
             pool.terminate()
         _update_bad_csv(out, tried, bad)
+        if tried:
+            _write_sources(out, sources)
     res = CacheResult(out, len(todo) - len(bad), len(pairs) - len(todo), len(bad))
     if progress:
         print(f"cache {out}: written {res.written}, skipped {res.skipped}, bad {res.bad}")
@@ -415,8 +453,7 @@ def build_cache(items: Union[pd.DataFrame, Iterable[Tuple[str, PathLike]]], cach
 
 def load_cached(cache_dir: PathLike, image_id: str) -> np.ndarray:
     """uint8 (S, S, 3) RGB, channels in the policy's order, of `image_id` from a cache folder."""
-    base = Path(cache_dir) / str(image_id)
-    png, npy = base.with_name(base.name + ".png"), base.with_name(base.name + ".npy")
+    png, npy = child_path(cache_dir, str(image_id), ".png"), child_path(cache_dir, str(image_id), ".npy")
     if png.exists():
         img = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
         if img is None or img.ndim != 3:

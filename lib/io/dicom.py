@@ -202,3 +202,12 @@ def read_hu(path: PathLike) -> np.ndarray:
     """
     return dataset_to_hu(read_dataset(path), source=str(path))
 
+
+
+def read_hu_or_none(path: PathLike) -> Optional[np.ndarray]:
+    """`read_hu`, or None for a file that cannot be decoded (DicomError, missing): for views and samples that
+    skip bad files rather than stop (the cache build lists them with the reason)."""
+    try:
+        return read_hu(path)
+    except (DicomError, FileNotFoundError):
+        return None

@@ -22,6 +22,7 @@ from lib.progress import progress_bar
 
 from lib.io.dicom import (DicomError, PathLike, describe_read_error, greyscale_problem, lenient_reading,
                           pixel_bytes)
+from lib.io.ids import SAFE_ID, id_problem
 from lib.paths import atomic_write
 
 #: Columns written by the header pass, in order, with their pandas dtypes ("str" = pandas' default string dtype).
@@ -40,6 +41,9 @@ ORDER_COLUMNS: Dict[str, str] = {
     "spacing_next": "float64",
 }
 BAD_COLUMNS = ("path", "reason")
+#: ID columns -> their DICOM keyword; the first two are required, the others may be empty.
+ID_COLUMNS = {"image_id": "SOPInstanceUID", "series_uid": "SeriesInstanceUID", "study_uid": "StudyInstanceUID",
+              "patient_id": "PatientID"}
 
 #: Without these a file cannot be placed in a series or converted to HU: the index lists it as bad.
 REQUIRED = ("SOPInstanceUID", "SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
@@ -276,6 +280,30 @@ def _scan_all(files: List[str], workers: Optional[int], progress: bool,
     return rows, bad
 
 
+def _drop_bad_ids(df: pd.DataFrame, pattern: Optional[str]) -> Tuple[pd.DataFrame, List[Tuple[str, str]]]:
+    """Rows whose header IDs are unsafe or miss the task's `pattern` (`lib.io.ids`) -> bad files with the reason.
+
+    Checked here, once, because the IDs become file names (the cache) and keys of every later table.
+    """
+    bad_mask = np.zeros(len(df), dtype=bool)
+    reasons: Dict[int, str] = {}
+    for col, keyword in ID_COLUMNS.items():
+        s = df[col].astype(str)
+        ok = s.str.fullmatch(SAFE_ID) & ~s.str.contains("..", regex=False)
+        if pattern is not None:
+            ok &= s.str.fullmatch(pattern)
+        if col in ("study_uid", "patient_id"):
+            ok |= s.eq("")
+        ok = ok.fillna(False).to_numpy(dtype=bool)
+        for i in np.flatnonzero(~ok & ~bad_mask):
+            reasons[int(i)] = str(id_problem(s.iloc[i], pattern, keyword))
+        bad_mask |= ~ok
+    if not bad_mask.any():
+        return df, []
+    paths = df["path"].to_numpy()
+    return df.loc[~bad_mask], [(str(paths[i]), reasons[i]) for i in sorted(reasons)]
+
+
 def _drop_duplicate_ids(df: pd.DataFrame) -> Tuple[pd.DataFrame, List[Tuple[str, str]]]:
     """Keep the first file (by path) of each SOPInstanceUID; list the others as bad."""
     df = df.sort_values("path", kind="stable")
@@ -288,31 +316,94 @@ def _drop_duplicate_ids(df: pd.DataFrame) -> Tuple[pd.DataFrame, List[Tuple[str,
     return df.loc[~dup], bad
 
 
+def file_identity(files: Sequence[str]) -> pd.DataFrame:
+    """(path, size, mtime_ns) of each file: what "unchanged" means for the index and the caches built from it."""
+    recs = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            recs.append((f, int(st.st_size), int(st.st_mtime_ns)))
+        except OSError:
+            recs.append((f, -1, -1))
+    return pd.DataFrame.from_records(recs, columns=["path", "size", "mtime_ns"]).astype(
+        {"path": "str", "size": "int64", "mtime_ns": "int64"})
+
+
+def _files_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.files.parquet")
+
+
+def _reusable(out: Path, bad_out: Path, ident: pd.DataFrame) -> Tuple[List[tuple], List[Tuple[str, str]], set]:
+    """Header rows and scan failures of a previous `index(out=...)` for the files whose identity is unchanged.
+
+    Only what the header pass itself produced is reused (rows; unreadable-file reasons); ID and duplicate checks
+    are redone over the whole set. Anything missing or unreadable -> nothing reused.
+    """
+    try:
+        prev = pd.read_parquet(_files_path(out))
+        old = pd.read_parquet(out)
+        old_bad = pd.read_csv(bad_out, dtype=str, keep_default_na=False) if bad_out.exists() else None
+    except Exception:  # noqa: BLE001 - a damaged previous index is simply rebuilt
+        return [], [], set()
+    same = ident.merge(prev, on=["path", "size", "mtime_ns"], how="inner")
+    rows_ok = set(same.loc[same["state"] == "row", "path"])
+    bad_ok = set(same.loc[same["state"] == "bad", "path"])
+    old = old[old["path"].isin(rows_ok)]
+    rows = list(old[list(INDEX_COLUMNS)].astype(INDEX_COLUMNS).itertuples(index=False, name=None))
+    bad: List[Tuple[str, str]] = []
+    if old_bad is not None and bad_ok:
+        hit = old_bad[old_bad["path"].isin(bad_ok)].drop_duplicates("path")
+        bad = list(zip(hit["path"], hit["reason"]))
+    done = set(old["path"]) | {p for p, _ in bad}
+    return rows, bad, done
+
+
 def index(paths_or_dir: Union[PathLike, Iterable[PathLike]], out: Optional[PathLike] = None,
           bad_out: Optional[PathLike] = None, workers: Optional[int] = None, progress: bool = True,
-          chunksize: Optional[int] = None) -> pd.DataFrame:
+          chunksize: Optional[int] = None, id_pattern: Optional[str] = None, reuse: bool = False) -> pd.DataFrame:
     """One header pass over DICOM files -> ordered index (INDEX_COLUMNS + ORDER_COLUMNS), one row per usable file.
 
     paths_or_dir: a directory (all `*.dcm` below it) or an explicit list of files. Reads headers only
     (`stop_before_pixels`), in `workers` processes (default os.cpu_count(); 1 = in this process).
     Files that are not DICOM, truncated, colour/8-bit renderings, or lack SOPInstanceUID / SeriesInstanceUID /
-    ImagePositionPatient / ImageOrientationPatient / RescaleIntercept / Rows / Columns / PixelData, and every
-    repeat of a SOPInstanceUID after the first path, go to `df.attrs["bad_files"]` (list of {"path", "reason"};
-    see `bad_files_table`). Rows are sorted by series_uid, slice_idx.
-    out: parquet path to save (without attrs); bad_out: CSV (path, reason), default `<out dir>/bad_files_<stem>.csv`.
+    ImagePositionPatient / ImageOrientationPatient / RescaleIntercept / Rows / Columns / PixelData, every
+    repeat of a SOPInstanceUID after the first path, and files whose SOP / series / study / patient IDs are unsafe
+    or miss `id_pattern` (the task's, see `lib.io.ids`; unsafe IDs are refused without one), go to
+    `df.attrs["bad_files"]` (list of {"path", "reason"}; see `bad_files_table`). Rows are sorted by series_uid,
+    slice_idx.
+    out: parquet path to save (without attrs), with `<stem>.files.parquet` beside it: each file's identity
+    (size, mtime_ns) at the time it was read. bad_out: CSV (path, reason), default `<out dir>/bad_files_<stem>.csv`.
+    reuse: with `out`, re-read only files that are new or whose size or mtime changed since the saved index; the
+    rest is taken from it (a repaired file is re-read; an unchanged folder reads no header at all).
     """
     files = list_dicom_files(paths_or_dir)
-    rows, bad = _scan_all(files, workers, progress, chunksize)
+    ident = file_identity(files)
+    out = Path(out) if out is not None else None
+    bad_path = (Path(bad_out) if bad_out is not None else
+                out.with_name(f"bad_files_{out.stem}.csv") if out is not None else None)
+    old_rows: List[tuple] = []
+    old_bad: List[Tuple[str, str]] = []
+    done: set = set()
+    if reuse and out is not None and out.exists():
+        old_rows, old_bad, done = _reusable(out, bad_path, ident)
+    todo = [f for f in files if f not in done]
+    if reuse and out is not None and progress and done:
+        print(f"header index {out.name}: {len(done)} files unchanged, reading {len(todo)}")
+    rows, bad = _scan_all(todo, workers, progress, chunksize) if todo else ([], [])
+    scanned_bad = {p for p, _ in bad} | {p for p, _ in old_bad}
+    rows, bad = old_rows + rows, old_bad + bad
     df = pd.DataFrame.from_records(rows, columns=list(INDEX_COLUMNS)).astype(INDEX_COLUMNS)
+    df, id_bad = _drop_bad_ids(df, id_pattern)
     df, dup_bad = _drop_duplicate_ids(df)
     df = order_slices(df)
-    bad_df = pd.DataFrame(bad + dup_bad, columns=list(BAD_COLUMNS)).astype("str")
+    bad_df = pd.DataFrame(bad + id_bad + dup_bad, columns=list(BAD_COLUMNS)).astype("str")
     bad_df = bad_df.sort_values("path", kind="stable").reset_index(drop=True)
     if out is not None:
-        out = Path(out)
-        _save(df, out, Path(bad_out) if bad_out is not None else out.with_name(f"bad_files_{out.stem}.csv"), bad_df)
-    elif bad_out is not None:
-        _save(None, None, Path(bad_out), bad_df)
+        state = np.where(ident["path"].isin(set(df["path"])), "row",
+                         np.where(ident["path"].isin(scanned_bad), "bad", "derived"))
+        _save(df, out, bad_path, bad_df, ident.assign(state=state))
+    elif bad_path is not None:
+        _save(None, None, bad_path, bad_df)
     df.attrs["bad_files"] = bad_df.to_dict("records")
     return df
 
@@ -322,11 +413,18 @@ def bad_files_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(df.attrs.get("bad_files", []), columns=list(BAD_COLUMNS)).astype("str")
 
 
-def _save(df: Optional[pd.DataFrame], out: Optional[Path], bad_out: Path, bad_df: pd.DataFrame) -> None:
-    """Write parquet and CSV via a temp file + rename, so a crash never leaves a half-written index."""
+def _save(df: Optional[pd.DataFrame], out: Optional[Path], bad_out: Path, bad_df: pd.DataFrame,
+          files: Optional[pd.DataFrame] = None) -> None:
+    """Write parquet and CSV via a temp file + rename, so a crash never leaves a half-written index.
+
+    The file identities go last: an index interrupted before them is not trusted by the next `reuse`.
+    """
     targets = [(bad_out, lambda p: bad_df.to_csv(p, index=False))]
     if df is not None and out is not None:
         targets.append((out, lambda p: df.to_parquet(p, index=False)))
+        if files is not None:
+            _files_path(out).unlink(missing_ok=True)
+            targets.append((_files_path(out), lambda p: files.to_parquet(p, index=False)))
     for path, write in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)

@@ -133,6 +133,10 @@ class EpochCheckpoint(Callback):
         scaler = getattr(self.learn, "scaler", None)
         if scaler is not None and self.state.get("scaler"):
             scaler.load_state_dict(self.state["scaler"])
+        smooth = self.state.get("smooth_loss")
+        if smooth is not None:  # Recorder (order 50) has just reset it: continue the run's running mean instead
+            self.recorder.smooth_loss.count = int(smooth["count"])
+            self.recorder.smooth_loss.val = smooth["val"].to(self.dls.device)
 
     def after_epoch(self) -> None:
         st, e = self.state, int(self.epoch)
@@ -157,7 +161,9 @@ class EpochCheckpoint(Callback):
         hypers = [{k: _plain(v) for k, v in h.items()} for h in opt["hypers"]]
         ckpt = {"model": model, "opt": {"state": list(opt["state"]), "hypers": hypers}, "epoch": e,
                 "best_epoch": st["best_epoch"], "best_value": st["best_value"], "history": st["history"],
-                "cfg": asdict(self.cfg), "elapsed_s": st["elapsed_s"]}
+                "cfg": asdict(self.cfg), "elapsed_s": st["elapsed_s"],
+                "smooth_loss": {"count": int(self.recorder.smooth_loss.count),
+                                "val": torch.as_tensor(self.recorder.smooth_loss.val).detach().cpu().clone()}}
         scaler = getattr(self.learn, "scaler", None)
         if scaler is not None:
             ckpt["scaler"] = scaler.state_dict()

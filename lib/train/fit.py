@@ -272,7 +272,7 @@ def _initial_state(out_dir: Path, cfg: TrainConfig, device: torch.device, write:
     _check_resumable(ckpt["cfg"], cfg, path)
     state.update({k: ckpt[k] for k in ("best_epoch", "best_value", "history", "elapsed_s")})
     state.update(start_epoch=int(ckpt["epoch"]) + 1, model=ckpt["model"], opt=ckpt["opt"],
-                 scaler=ckpt.get("scaler"), resumed_from=str(path))
+                 scaler=ckpt.get("scaler"), smooth_loss=ckpt.get("smooth_loss"), resumed_from=str(path))
     if write:
         truncate_log(out_dir / "log.csv", state["start_epoch"])
     return state

@@ -12,6 +12,8 @@ from lib.paths import PathLike, resolve_data_dir
 
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
 MARKER = "stage_2_test"  # a folder every copy of the stage-2 download has
+#: Every RSNA image / series / study / patient ID (header UID fields and CSV rows) looks like this.
+ID_PATTERN = r"ID_[0-9a-fA-F]+"
 
 
 @dataclass(frozen=True)

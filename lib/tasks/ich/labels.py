@@ -7,6 +7,9 @@ from typing import Union
 import numpy as np
 import pandas as pd
 
+from lib.io.ids import BadIdError, check_ids
+from lib.tasks.ich.data import ID_PATTERN
+
 #: Label columns in the order of the Kaggle CSV rows; every (N, 6) array in this repo uses this order.
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 #: Per-label weights of the competition metric (weighted multi-label log loss: any = 2, each subtype = 1).
@@ -24,6 +27,10 @@ def split_ids(ids: pd.Series, source: str = "labels") -> pd.DataFrame:
         bad = ids[parts.isna().any(axis=1)].head(3).tolist() if parts.shape[1] == 2 else ids.head(3).tolist()
         raise LabelsError(f"{source}: IDs must look like ID_<image>_<subtype>; got e.g. {bad}")
     out = pd.DataFrame({"image_id": parts[0].values, "subtype": parts[1].values})
+    try:
+        check_ids(pd.unique(out["image_id"]), ID_PATTERN, "image ID", source)
+    except BadIdError as exc:
+        raise LabelsError(str(exc)) from None
     unknown = sorted(set(out["subtype"]) - set(SUBTYPES))
     if unknown:
         raise LabelsError(f"{source}: unknown subtypes {unknown[:5]}; expected {list(SUBTYPES)}")

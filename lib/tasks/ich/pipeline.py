@@ -1,10 +1,8 @@
 """Stage-level helpers the notebooks call: cached header index, header summaries, sample picking."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -14,24 +12,22 @@ from lib.io import dicom, dicom_index
 from lib.ensemble import mean_frames
 from lib.tasks.ich.labels import SUBTYPES
 from lib.paths import RunPaths, atomic_write_text
-from lib.tasks.ich.data import CompetitionData
-
-
-def _count_dcm(folder: Path) -> int:
-    return sum(1 for e in os.scandir(folder) if e.name.endswith(".dcm")) if folder.is_dir() else 0
+from lib.tasks.ich.data import ID_PATTERN, CompetitionData
 
 
 def ensure_index(data: CompetitionData, rp: RunPaths, split: str, workers: Optional[int] = None) -> pd.DataFrame:
-    """The split's header index: loaded from the run dir when it matches the data folder, else built (parallel)."""
+    """The split's header index, kept in the run dir and brought up to date with the data folder.
+
+    Files are re-read when new or when their size or mtime changed since the saved index (a repaired file leaves
+    the bad list); unchanged ones are taken from it. IDs are checked against the task's pattern
+    (`lib.tasks.ich.data.ID_PATTERN`): a file with an unsafe or foreign ID is a bad file.
+    """
     folder = data.image_dir(split)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist (expected the Kaggle layout under {data.root})")
-    path, info_path = rp.index(split), rp.index(split).with_suffix(".json")
-    source = {"source": str(folder), "n_files": _count_dcm(folder)}
-    if path.exists() and info_path.exists() and json.loads(info_path.read_text()) == source:
-        return pd.read_parquet(path)
-    df = dicom_index.index(folder, out=path, bad_out=rp.bad_files(split), workers=workers or None)
-    atomic_write_text(info_path, json.dumps(source))
+    path = rp.index(split)
+    df = dicom_index.index(folder, out=path, bad_out=rp.bad_files(split), workers=workers or None,
+                           id_pattern=ID_PATTERN, reuse=True)
     rp.record(f"index_{split}", path)
     return df
 
@@ -164,4 +160,19 @@ def usable_index(index: pd.DataFrame, rp: RunPaths, cache_dir: Path) -> pd.DataF
     """Index rows whose image the cache holds: images the cache build rejected are left out (and counted by
     `unreadable`), so training, embedding and folds never ask the cache for them."""
     bad = set(unreadable(rp, cache_dir)["image_id"].dropna())
-    return index[~index["image_id"].isin(bad)].reset_index(drop=True)
+    keep = ~index["image_id"].isin(bad)
+    if not keep.all():
+        print(f"left out {int((~keep).sum())} of {len(index)} indexed images that the cache could not decode "
+              "(pipeline.unreadable lists them with the reason)")
+    return index[keep].reset_index(drop=True)
+
+
+def test_images_at_prior(data: CompetitionData, rp: RunPaths, cache_dir: Path) -> List[str]:
+    """Sample-submission images that no stage can predict (not in the usable test index: unreadable, bad ID or
+    rejected by the cache); the submission gives them the training prevalence."""
+    from lib.tasks.ich.labels import split_ids
+
+    sample = pd.read_csv(data.sample_submission)
+    wanted = split_ids(sample["ID"], source=str(data.sample_submission))["image_id"].unique()
+    have = set(usable_index(ensure_index(data, rp, "test"), rp, cache_dir)["image_id"])
+    return sorted(i for i in wanted if i not in have)

@@ -1,6 +1,6 @@
 """The ICH task, declared once: RSNA Intracranial Hemorrhage Detection 2019 (stage 2 data)."""
 from lib.tasks import TaskSpec
-from lib.tasks.ich.data import COMPETITION
+from lib.tasks.ich.data import COMPETITION, ID_PATTERN
 from lib.tasks.ich.labels import SUBTYPES, WEIGHTS
 
 SPEC = TaskSpec(
@@ -22,7 +22,7 @@ SPEC = TaskSpec(
     layout={"train_images": "stage_2_train", "test_images": "stage_2_test", "train_labels": "stage_2_train.csv",
             "sample_submission": "stage_2_sample_submission.csv"},
     submission_columns=("ID", "Label"),
-    id_pattern=r"ID_[0-9a-fA-F]+",
+    id_pattern=ID_PATTERN,
     phantom="lib.tasks.ich.phantom",
     description="per-slice 6-label hemorrhage detection on head CT; weighted multi-label log loss (any = 2)",
 )
