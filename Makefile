@@ -5,10 +5,20 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TASK ?= ich
-DEMO_DATA ?= data/phantom
-DEMO_OUT ?= outputs/demo
-# 160 studies of 12-18 slices at 256 px: many patients (what a from-scratch CNN needs), few pixels per slice
-DEMO_PHANTOM ?= --studies 160 --slices 12 18 --size 256 --seed 0
+# Per task: the built-in data set of the demo, the file that says it is complete, the run folder.
+# ich: 160 studies of 12-18 slices at 256 px: many patients (what a from-scratch CNN needs), few pixels per slice
+DEMO_PHANTOM_ich := --studies 160 --slices 12 18 --size 256 --seed 0
+DEMO_DATA_ich := data/phantom
+DEMO_MARK_ich := stage_2_train.csv
+DEMO_OUT_ich := outputs/demo
+# brats: task-1 NIfTI + task-2 DICOM of 60 patients (the generator's default is the 20-patient test set)
+DEMO_PHANTOM_brats := --patients 60 --seed 0
+DEMO_DATA_brats := data/phantom_brats
+DEMO_MARK_brats := task2/train_labels.csv
+DEMO_OUT_brats := outputs/demo_brats
+DEMO_PHANTOM ?= $(DEMO_PHANTOM_$(TASK))
+DEMO_DATA ?= $(DEMO_DATA_$(TASK))
+DEMO_OUT ?= $(DEMO_OUT_$(TASK))
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
@@ -24,10 +34,10 @@ $(STAMP): requirements.txt
 	$(VPY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rsna-ich .venv)" >/dev/null
 	touch $(STAMP)
 
-data: $(DEMO_DATA)/stage_2_train.csv
+data: $(DEMO_DATA)/$(DEMO_MARK_$(TASK))
 
-$(DEMO_DATA)/stage_2_train.csv: | $(STAMP)
-	$(VPY) -m lib.phantom --out $(DEMO_DATA) $(DEMO_PHANTOM)
+$(DEMO_DATA)/$(DEMO_MARK_$(TASK)): | $(STAMP)
+	$(VPY) -m lib.phantom $(TASK) --out $(DEMO_DATA) $(DEMO_PHANTOM)
 
 demo: $(STAMP) data
 	$(VPY) -m lib.run params/$(TASK)/demo.yaml --data $(DEMO_DATA) --out $(DEMO_OUT) --resume

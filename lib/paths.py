@@ -87,6 +87,16 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
         raise
 
 
+def atomic_save_npy(path: PathLike, array: Any) -> None:
+    """`np.save` through `atomic_write` (to an open file: given a name without .npy, np.save would append one)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+    atomic_write(path, write)
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write text via a temp file + rename (creating the folder), so readers never see a half-written file."""
     path = Path(path)

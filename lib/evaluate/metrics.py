@@ -8,12 +8,15 @@
 - `mean_auc(y, p)`: mean ROC AUC over the labels that have both classes.
 - `study_weighted_log_loss`: the weighted log loss normalised within each study, then averaged over studies
   (`lib.evaluate.study_logloss`; RSNA 2022 cervical spine), on wide truth / prediction tables.
+- `dice_per_channel(pred_mask, true_mask)` ("dice") and `iou_per_channel` ("iou"): overlap of binary masks
+  (N, C, *spatial) per channel over the whole set (sums of intersections over sums of sizes; a channel empty in
+  both is 1.0), from `overlap_counts`, which batched callers (the segmentation trainer's metric) accumulate.
 
 The OOF report, blend fitting, the ensemble, the fastai validation metrics and the training losses all call these.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ from lib.evaluate.study_logloss import study_weighted_logloss
 from lib.registry import Registry
 
 EPS = 1e-6
-METRICS: Registry[Callable[..., float]] = Registry("metric")
+METRICS: Registry[Callable[..., Union[float, np.ndarray]]] = Registry("metric")
 
 
 def _check(y_true: np.ndarray, y_pred: np.ndarray, n_labels: Optional[int] = None) -> tuple:
@@ -110,3 +113,49 @@ def weighted_bce_with_logits(logits: torch.Tensor, target: torch.Tensor, weights
         return per_row.mean()
     m = mask.to(per_row.dtype)
     return (per_row * m).sum() / m.sum().clamp_min(1.0)
+
+
+# ---------------------------------------------------------------- segmentation overlap
+def _binary(mask: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(mask)
+    if arr.dtype != bool and ((arr != 0) & (arr != 1)).any():
+        raise ValueError(f"{name} must be a binary mask (bool or 0/1 values); got values {np.unique(arr)[:5]}")
+    return arr.astype(bool, copy=False)
+
+
+def overlap_counts(pred_mask: np.ndarray, true_mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Binary masks (N, C, *spatial), bool or 0/1 -> (intersection, predicted size, true size), each (C,) int64
+    voxel counts summed over N and the spatial axes; sum these over batches for a set-level Dice / IoU."""
+    if np.shape(pred_mask) != np.shape(true_mask) or np.ndim(pred_mask) < 2:
+        raise ValueError(f"expected pred_mask and true_mask of one shape (N, C, ...); got {np.shape(pred_mask)} "
+                         f"and {np.shape(true_mask)}")
+    pred, true = _binary(pred_mask, "pred_mask"), _binary(true_mask, "true_mask")
+    axes = (0,) + tuple(range(2, pred.ndim))
+    inter = np.logical_and(pred, true).sum(axis=axes, dtype=np.int64)
+    return inter, pred.sum(axis=axes, dtype=np.int64), true.sum(axis=axes, dtype=np.int64)
+
+
+def dice_from_counts(inter: np.ndarray, pred_sum: np.ndarray, true_sum: np.ndarray) -> np.ndarray:
+    """(C,) float64 Dice 2 I / (P + T); 1.0 where both masks are empty (P + T = 0)."""
+    inter, total = np.asarray(inter, np.float64), np.asarray(pred_sum, np.float64) + np.asarray(true_sum, np.float64)
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
+def iou_from_counts(inter: np.ndarray, pred_sum: np.ndarray, true_sum: np.ndarray) -> np.ndarray:
+    """(C,) float64 IoU I / (P + T - I); 1.0 where both masks are empty (union 0)."""
+    inter = np.asarray(inter, np.float64)
+    union = np.asarray(pred_sum, np.float64) + np.asarray(true_sum, np.float64) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+@METRICS.register("dice")
+def dice_per_channel(pred_mask: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
+    """Binary masks (N, C, *spatial) -> (C,) float64 Dice per channel over the whole set (both empty -> 1.0)."""
+    return dice_from_counts(*overlap_counts(pred_mask, true_mask))
+
+
+@METRICS.register("iou")
+def iou_per_channel(pred_mask: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
+    """Binary masks (N, C, *spatial) -> (C,) float64 IoU (Jaccard) per channel over the whole set (both empty ->
+    1.0)."""
+    return iou_from_counts(*overlap_counts(pred_mask, true_mask))

@@ -8,6 +8,7 @@ hidden truth is known, wall time and git commit (`--markdown` for the README).
 from __future__ import annotations
 
 import argparse
+import importlib
 import glob
 import json
 import sys
@@ -194,6 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     manifest = args.run_dir / "manifest.json"
     task = get_task(json.loads(manifest.read_text()).get("task", "ich") if manifest.exists() else "ich")
+    if "summary" in task.extra:  # a task with its own table (module:function of the metrics dict)
+        module, func = str(task.extra["summary"]).split(":")
+        print(getattr(importlib.import_module(module), func)(json.loads(path.read_text())))
+        return 0
     table = oof_table(json.loads(path.read_text()), task.labels)
     print(f"OOF weighted log loss ({args.run_dir}):")
     print(format_table(table))

@@ -119,14 +119,22 @@ def _plain(v: Any) -> Any:
 
 
 class EpochCheckpoint(Callback):
-    """After each epoch: record the log row, track the best validation log loss, write epoch{e}.pth (+ best.pth)
-    on rank 0, prune old optimizer states, stop early after `patience` epochs without improvement."""
+    """After each epoch: record the log row, track the best validation `monitor` (a metric name of the log row,
+    `mode` "min": lower is better, "max": higher; default the ICH weighted log loss), write epoch{e}.pth (+ best.pth,
+    whose score key is `valid_<monitor>`) on rank 0, prune old optimizer states, stop early after `patience` epochs
+    without improvement."""
 
     order = 65  # after Recorder (50) and CSVLogger (60): the epoch's row is complete
 
     def __init__(self, out_dir: Path, cfg: CheckpointSettings, state: Dict[str, Any], is_main: bool,
-                 has_valid: bool) -> None:
+                 has_valid: bool, monitor: str = "logloss", mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"EpochCheckpoint mode must be 'min' or 'max', got {mode!r}")
         self.out_dir, self.cfg, self.state, self.is_main, self.has_valid = out_dir, cfg, state, is_main, has_valid
+        self.monitor, self.mode = monitor, mode
+
+    def _better(self, value: float, best: Optional[float]) -> bool:
+        return best is None or (value < best if self.mode == "min" else value > best)
 
     def before_fit(self) -> None:
         self.t0 = time.time()
@@ -144,8 +152,8 @@ class EpochCheckpoint(Callback):
             return
         row = {k: _plain(v) for k, v in zip(self.recorder.metric_names, self.recorder.log)}
         st["history"].append(row)
-        value = row.get("logloss") if self.has_valid else None
-        improved = value is not None and np.isfinite(value) and (st["best_value"] is None or value < st["best_value"])
+        value = row.get(self.monitor) if self.has_valid else None
+        improved = value is not None and np.isfinite(value) and self._better(value, st["best_value"])
         if improved or not self.has_valid:
             st["best_epoch"], st["best_value"] = e, value
         st["elapsed_s"] += time.time() - self.t0
@@ -169,7 +177,7 @@ class EpochCheckpoint(Callback):
             ckpt["scaler"] = scaler.state_dict()
         _atomic_save(ckpt, self.out_dir / f"epoch{e}.pth")
         if best:
-            _atomic_save({"model": model, "epoch": e, "arch": self.cfg.arch, "valid_logloss": st["best_value"],
+            _atomic_save({"model": model, "epoch": e, "arch": self.cfg.arch, f"valid_{self.monitor}": st["best_value"],
                           "cfg": asdict(self.cfg)}, self.out_dir / "best.pth")
         prev = self.out_dir / f"epoch{e - 1}.pth"
         if prev.exists() and not self.cfg.save_every_epoch:

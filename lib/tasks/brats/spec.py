@@ -1,22 +1,33 @@
 """The BraTS task, declared once: RSNA-MICCAI Brain Tumor Radiogenomic Classification 2021 (MGMT from MR).
 
-Built so far: the built-in data (`python -m lib.phantom brats`), NIfTI / MR-series IO (`lib.io.nifti`,
-`lib.io.mr_series`). The pipeline stages (segmentation, classification, ensemble, report, kernel) are not built
-yet, so `stages` is empty and the runner refuses a params file for this task, saying so.
+Stages (notebooks/brats/): EDA, preprocess (task-2 series cache, task-1 segmentation slices without the task-2
+patients), stage-1 segmentation (smp Unet++), mask prediction with the seed's zoom and contour filter, stage-2
+classifier per MRI type (CNN + BiLSTM over slice chunks, or the 1st place's 3D ResNet10), ensemble + submission,
+report. The data folder holds `task2/` (the Kaggle download) and `task1/` (the task-1 NIfTI set).
 """
 from lib.tasks import TaskSpec
+from lib.tasks.brats.data import COMPETITION, ID_PATTERN
 
 SPEC = TaskSpec(
     name="brats",
-    competition="rsna-miccai-brain-tumor-radiogenomic-classification",
+    competition=COMPETITION,
     labels=("MGMT_value",),
     weights=(1.0,),
     metric="mean_auc",
-    stages={},
+    stages={
+        "eda": "00_eda.ipynb",
+        "preprocess": "01_preprocess.ipynb",
+        "train_seg": "02_train_seg.ipynb",
+        "predict_masks": "03_predict_masks.ipynb",
+        "train_cls": "04_train_classifier.ipynb",
+        "ensemble": "05_ensemble.ipynb",
+        "report": "06_report.ipynb",
+    },
     layout={"task1": "task1", "train_images": "task2/train", "test_images": "task2/test",
             "train_labels": "task2/train_labels.csv", "sample_submission": "task2/sample_submission.csv"},
     submission_columns=("BraTS21ID", "MGMT_value"),
-    id_pattern=r"[0-9]{5}",
+    id_pattern=ID_PATTERN,
     phantom="lib.tasks.brats.phantom",
+    extra={"summary": "lib.tasks.brats.pipeline:summary"},  # python -m lib.report RUN prints this table
     description="patient-level MGMT promoter methylation from four MR sequences; ROC-AUC over patients",
 )
