@@ -195,6 +195,24 @@ def test_resume_after_a_finished_run_does_nothing_however_often(toy_pipeline, ca
     assert capsys.readouterr().out.count("already done") == 4
 
 
+def test_resume_reruns_an_edited_notebook_and_what_follows(toy_pipeline, capsys):
+    """--resume used to skip a stage whose notebook changed (only the parameters were compared), and the stages
+    after a rerun one, whose inputs may have changed."""
+    tmp, data = toy_pipeline
+    out = tmp / "out"
+    p = _params(tmp, {"stages": {"a": {}, "b": {"fold": [0]}}})
+    assert runner.main([str(p), "--data", str(data), "--out", str(out)]) == 0
+    nb = tmp / "nbs" / "a.ipynb"
+    nb.write_text(nb.read_text().replace("write_text('ok')", "write_text('edited')"))
+    capsys.readouterr()
+    assert runner.main([str(p), "--data", str(data), "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "already done" not in printed  # a: edited; b: after a rerun stage
+    assert (out / "a_8_0.txt").read_text() == "edited"
+    assert runner.main([str(p), "--data", str(data), "--out", str(out), "--resume"]) == 0
+    assert capsys.readouterr().out.count("already done") == 2
+
+
 def test_killing_the_runner_stops_its_stage_kernel(toy_pipeline, tmp_path):
     """SIGTERM to the runner used to leave the stage's kernel running the notebook to the end."""
     import os

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence
 
 from lib.evaluate.html import write_html_report
-from lib.run.manifest import now, previous_done, write_manifest
+from lib.run.manifest import notebook_sha1, now, previous_done, write_manifest
 from lib.run.params import Job
 
 REPO = Path(__file__).resolve().parents[2]  # kernels start here, so `import lib` finds this checkout
@@ -109,12 +109,17 @@ def _execute_jobs(jobs: List[Job], run_dir: Path, header: Dict[str, Any], order:
     import papermill as pm
 
     nb_dir = run_dir / "notebooks"
+    ran = False  # once a stage runs, every later one runs too (its inputs may have changed; each resumes inside)
     for i, job in enumerate(jobs, 1):
         out_nb = nb_dir / f"{job.tag}.ipynb"
-        if done.get(f"notebooks/{job.tag}.ipynb") == job.params and out_nb.exists():
+        before = done.get(f"notebooks/{job.tag}.ipynb")
+        if (not ran and before is not None and before["params"] == job.params and out_nb.exists()
+                and before["source_sha1"] == notebook_sha1(job.notebook)):
             job.status = "skipped (done)"
-            print(f"[{i}/{len(jobs)}] {job.tag}: already done with the same parameters, skipped", flush=True)
+            print(f"[{i}/{len(jobs)}] {job.tag}: already done with the same parameters and notebook, skipped",
+                  flush=True)
             continue
+        ran = True
         print(f"[{i}/{len(jobs)}] {job.tag} ...", flush=True)
         job.status = "running"
         write_manifest(run_dir, header, jobs, order)

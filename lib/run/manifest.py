@@ -5,6 +5,7 @@ Rewritten atomically after every stage, so an interrupted run keeps its record; 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import subprocess
 from importlib import metadata
@@ -50,7 +51,8 @@ def write_manifest(run_dir: Path, header: Dict[str, Any], jobs: List[Job], order
     """Rewrite manifest.json: this invocation's jobs, plus the entries of earlier invocations for other notebooks
     (so `--stages` runs add to the record instead of replacing it), in pipeline `order`."""
     current = [{"stage": j.stage, "notebook": f"notebooks/{j.tag}.ipynb", "params": j.params, "status": j.status,
-                "seconds": j.seconds, "error": j.error, "git_commit": header.get("git_commit")} for j in jobs]
+                "seconds": j.seconds, "error": j.error, "git_commit": header.get("git_commit"),
+                "source_sha1": notebook_sha1(j.notebook)} for j in jobs]
     names = {e["notebook"] for e in current}
     path = run_dir / "manifest.json"
     earlier = json.loads(path.read_text()).get("stages", []) if path.exists() else []
@@ -60,9 +62,21 @@ def write_manifest(run_dir: Path, header: Dict[str, Any], jobs: List[Job], order
     atomic_write_text(path, json.dumps(dict(header, stages=stages), indent=2, default=str))
 
 
+def notebook_sha1(path: Path) -> Optional[str]:
+    """sha1 of a source notebook's cells (sources only: outputs and metadata do not count); None if unreadable."""
+    try:
+        cells = json.loads(Path(path).read_text()).get("cells", [])
+    except (OSError, ValueError):
+        return None
+    text = "\x00".join("".join(c.get("source", "")) for c in cells)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
 def previous_done(run_dir: Path) -> Dict[str, Dict[str, Any]]:
-    """{executed notebook: params} of the jobs a previous invocation finished (ran, or found already done)."""
+    """{executed notebook: {"params", "source_sha1"}} of the jobs a previous invocation finished (ran, or found
+    already done)."""
     path = run_dir / "manifest.json"
     if not path.exists():
         return {}
-    return {s["notebook"]: s["params"] for s in json.loads(path.read_text()).get("stages", []) if s["status"] in DONE}
+    return {s["notebook"]: {"params": s["params"], "source_sha1": s.get("source_sha1")}
+            for s in json.loads(path.read_text()).get("stages", []) if s["status"] in DONE}

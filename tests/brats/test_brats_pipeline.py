@@ -119,3 +119,16 @@ def test_smoke_chain_through_the_runner(brats_data: Path, tmp_path: Path):
                             str(brats_data), "--out", str(out), "--resume"], cwd=REPO, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.count("skipped") == 7, again.stdout[-2000:]
+
+
+def test_benchmarks_print_one_json_line(brats_data: Path):
+    pre = subprocess.run([sys.executable, "-m", "lib.bench", "brats-preprocess", "--data", str(brats_data), "--size",
+                          "32", "--repeat", "1", "--workers", "2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    out = json.loads(pre.stdout.strip().splitlines()[-1])
+    assert out["series"] > 0 and out["ours_parallel_series_s"] > 0 and out["naive_series_s"] > 0
+    cls = subprocess.run([sys.executable, "-m", "lib.bench", "brats-classifier", "--size", "32", "--length", "4",
+                          "--steps", "1", "--bs", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert cls.returncode == 0, cls.stderr[-2000:]
+    assert json.loads(cls.stdout.strip().splitlines()[-1])["train_chunks_s"] > 0

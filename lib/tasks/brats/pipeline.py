@@ -191,6 +191,48 @@ def classifier_cv(rp: RunPaths, mri: str, labels: pd.Series, folds: pd.Series, c
     return {"oof": oof_s, "test": test_s, "fold_auc": fold_auc}
 
 
+def _mask_ratio(path: Path) -> float:
+    """ET / WT pixel ratio over a stack's kept slices (channels 1, 2 of `[image, WT, ET]`, > 127 = in the mask)."""
+    st = np.load(path, mmap_mode="r")
+    wt = float((st[:, 1] > 127).sum())
+    return float((st[:, 2] > 127).sum()) / wt if wt else float("nan")
+
+
+def mask_ratio_cv(rp: RunPaths, mri: str, labels: pd.Series, folds: pd.Series) -> Dict[str, object]:
+    """A one-feature baseline on the stage-1 masks: the ET / WT area ratio of a patient's series of type `mri`, a
+    logistic regression fitted on the other folds (OOF) and, for the test set, the mean of the fold models.
+
+    It says whether the masks carry MGMT signal, apart from what a CNN learns; written like a model's predictions
+    (predictions/oof_mask_ratio_<mri>.csv, test_...).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    def feats(split: str) -> pd.Series:
+        st = pd.read_parquet(stacks_table_path(rp, split))
+        st = st[(st["sequence"] == mri) & (st["n_kept"] > 0)]
+        return pd.Series({str(r.BraTS21ID): _mask_ratio(rp.root / r.path) for r in st.itertuples()}).dropna()
+
+    train, test = feats("train"), feats("test")
+    train = train[train.index.isin(labels.index)]
+    oof, tests, fold_auc = [], [], []
+    for k in sorted(folds.unique()):
+        va = train.index[folds.reindex(train.index).to_numpy() == k]
+        tr = train.index.difference(va)
+        clf = LogisticRegression().fit(train[tr].to_numpy()[:, None], labels[tr].to_numpy())
+        p = pd.Series(clf.predict_proba(train[va].to_numpy()[:, None])[:, 1], index=va)
+        oof.append(p)
+        y = labels[va]
+        fold_auc.append(float(roc_auc_score(y, p)) if y.nunique() == 2 else float("nan"))
+        if len(test):
+            tests.append(pd.Series(clf.predict_proba(test.to_numpy()[:, None])[:, 1], index=test.index))
+    name = f"mask_ratio_{mri}"
+    oof_s = pd.concat(oof).rename(LABEL).rename_axis("BraTS21ID")
+    test_s = (pd.concat(tests, axis=1).mean(axis=1) if tests else pd.Series(dtype=float)).rename(LABEL)
+    for path, ser in ((rp.oof_predictions(name), oof_s), (rp.test_predictions(name), test_s.rename_axis("BraTS21ID"))):
+        atomic_write_text(path, ser.reset_index().to_csv(index=False))
+    return {"oof": oof_s, "test": test_s, "fold_auc": fold_auc}
+
+
 def auc_table(results: Dict[str, Dict[str, object]], labels: pd.Series, folds: pd.Series) -> pd.DataFrame:
     """Rows = MRI types + prior: OOF AUC over patients, per-fold mean and std, 95 % bootstrap interval, patients."""
     rows = {}
@@ -207,6 +249,7 @@ def auc_table(results: Dict[str, Dict[str, object]], labels: pd.Series, folds: p
 
 
 def auc_metrics(table: pd.DataFrame, model: str) -> Dict[str, float]:
+    """metrics.json keys: oof_auc_<row> (an MRI type of the model, or mask_ratio_<type>) and its spread."""
     out: Dict[str, float] = {}
     for mri, row in table.drop(index="prior").iterrows():
         out[f"oof_auc_{mri}"] = float(row["oof_auc"])
@@ -268,15 +311,20 @@ def summary(metrics: Dict[str, object]) -> str:
         if f"oof_auc_{mri}" in metrics:
             rows.append((mri, metrics[f"oof_auc_{mri}"], metrics.get(f"oof_auc_{mri}_fold_std"),
                          metrics.get(f"oof_auc_{mri}_ci_lo"), metrics.get(f"oof_auc_{mri}_ci_hi")))
+    for mri in SEQUENCES:
+        key = f"oof_auc_mask_ratio_{mri}"
+        if key in metrics:
+            rows.append((f"ET/WT {mri}", metrics[key], metrics.get(f"{key}_fold_std"), metrics.get(f"{key}_ci_lo"),
+                         metrics.get(f"{key}_ci_hi")))
     if "oof_auc" in metrics:
         rows.append(("blend", metrics["oof_auc"], None, None, None))
     rows.append(("prior", 0.5, 0.0, 0.5, 0.5))
     lines.append(f"OOF patient AUC ({metrics.get('cls_model', '?')}):")
-    lines.append(f"  {'input':<8} {'AUC':>6} {'fold sd':>8} {'95% CI':>14}")
+    lines.append(f"  {'input':<14} {'AUC':>6} {'fold sd':>8} {'95% CI':>14}")
     for name, auc, sd, lo, hi in rows:
         sd_s = f"{sd:.3f}" if sd is not None else ""
         ci_s = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
-        lines.append(f"  {name:<8} {auc:>6.3f} {sd_s:>8} {ci_s:>14}")
+        lines.append(f"  {name:<14} {auc:>6.3f} {sd_s:>8} {ci_s:>14}")
     if "test_submission_auc" in metrics:
         lines.append(f"submission AUC against the phantom's hidden labels: {metrics['test_submission_auc']:.3f}")
     return "\n".join(lines)
