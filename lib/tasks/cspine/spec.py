@@ -2,8 +2,10 @@
 
 Built so far: the built-in data (`python -m lib.phantom cspine`), CT study volumes and segmentations on the same
 grid (`lib.io.ct_volume`) and the per-study weighted log loss (`lib.evaluate.study_logloss`,
-`lib.tasks.cspine.metric`). The pipeline stages (3D segmentation, crops, classifiers, ensemble, report, kernel) are
-not built yet, so `stages` is empty and the runner refuses a params file for this task, saying so.
+`lib.tasks.cspine.metric`), and the library pieces of both stages: the volume cache (`lib.imaging.volume_cache`),
+3D segmentation (`lib.models.seg3d`, `lib.models.csn`, `lib.tasks.cspine.seg`), per-vertebra crops with the
+visibility rule (`crops`), the 3D CSN and 2.5D classifiers (`classify`) and the patient_overall rules (`overall`).
+The notebooks are not written yet, so `stages` is empty and the runner refuses a params file for this task, saying so.
 """
 from lib.tasks import TaskSpec
 from lib.tasks.cspine.metric import CSPINE_LABELS, CSPINE_NEG_WEIGHTS
