@@ -124,7 +124,8 @@ def test_transform_runs_before_normalisation_and_sets_size(cache) -> None:
 
 def test_dataloader_collates_dict_batches(cache) -> None:
     ds = ImageDataset(cache, list(IMAGES), labels=np.zeros((4, 6)), transform=create_transform("demo", S))
-    batch = next(iter(DataLoader(ds, batch_size=4, num_workers=1, worker_init_fn=worker_init_fn)))
+    # ImageLoader: a plain DataLoader's forked worker hangs once cv2's thread pool has run in this process
+    batch = next(iter(ImageLoader(ds, batch_size=4, num_workers=1, worker_init_fn=worker_init_fn)))
     assert batch["image"].shape == (4, 3, S, S) and batch["target"].shape == (4, 6)
     assert batch["image_id"] == list(IMAGES) and batch["index"].tolist() == [0, 1, 2, 3]
 

@@ -3,7 +3,7 @@
     python -m lib.bench preprocess --data DIR [--n 200] [--size 256] [--workers W] [--repeat 5]
     python -m lib.bench loader [--arch resnet18] [--size 128] [--bs 32]        (lib/bench/loader.py)
     python -m lib.bench sequence [--series 21744] [--dim 2048] [--steps 50]    (lib/bench/sequence.py)
-    python -m lib.bench brats-preprocess --data DIR | brats-classifier          (lib/bench/brats.py)
+    python -m lib.bench brats-preprocess --data DIR | brats-classifier          (lib/tasks/brats/bench.py)
 
 To add a subcommand: write `add_<name>_parser(sub)` that adds its parser and sets `func=<function(args) -> dict>`,
 and list it in `SUBCOMMANDS` (through `_lazy` if its module imports torch: only the chosen subcommand's module
@@ -175,9 +175,22 @@ SUBCOMMANDS: Dict[str, Callable[[argparse._SubParsersAction], object]] = {
     "preprocess": _add_preprocess,
     "loader": _lazy("lib.bench.loader", "add_loader_parser"),
     "sequence": _lazy("lib.bench.sequence", "add_sequence_parser"),
-    "brats-preprocess": _lazy("lib.bench.brats", "add_preprocess_parser"),
-    "brats-classifier": _lazy("lib.bench.brats", "add_classifier_parser"),
 }
+
+
+def _task_benchmarks() -> Dict[str, Callable[[argparse._SubParsersAction], object]]:
+    """Subcommands a task declares in its spec (`extra["bench"]`: name -> "module:parser adder"), e.g. brats."""
+    from lib.tasks import get_task, task_names
+
+    out: Dict[str, Callable[[argparse._SubParsersAction], object]] = {}
+    for name in task_names():
+        for cmd, target in dict(get_task(name).extra.get("bench", {})).items():
+            module, attr = str(target).split(":")
+            out[cmd] = _lazy(module, attr)
+    return out
+
+
+SUBCOMMANDS.update(_task_benchmarks())
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

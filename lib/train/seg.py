@@ -40,7 +40,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner, Metric
 
 from lib import config
-from lib.data.datasets import SubsampleSampler, worker_init_fn
+from lib.data.datasets import ImageLoader, SubsampleSampler, worker_init_fn  # ImageLoader: forked workers survive cv2's pool
 from lib.evaluate.metrics import dice_from_counts, iou_from_counts, overlap_counts
 from lib.models.segmentation import SEG_ARCHS, DiceBCELoss, check_encoder, create_seg_model, freeze_encoder
 from lib.paths import RunPaths, atomic_write_text
@@ -197,8 +197,8 @@ def build_seg_dataloaders(train_ds: Dataset, valid_ds: Dataset, cfg: SegConfig,
     """(fastai DataLoaders over plain torch DataLoaders, the train sampler reshuffled per epoch by EpochSeed)."""
     sampler = SubsampleSampler(np.ones(len(train_ds)), 1.0, cfg.seed, shuffle=True, rank=0, num_replicas=1)
     common = dict(num_workers=cfg.num_workers, worker_init_fn=worker_init_fn, pin_memory=device.type == "cuda")
-    train_dl = DataLoader(train_ds, batch_size=cfg.bs, sampler=sampler, drop_last=len(sampler) > cfg.bs, **common)
-    valid_dl = DataLoader(valid_ds, batch_size=cfg.bs * 2, shuffle=False, **common)
+    train_dl = ImageLoader(train_ds, batch_size=cfg.bs, sampler=sampler, drop_last=len(sampler) > cfg.bs, **common)
+    valid_dl = ImageLoader(valid_ds, batch_size=cfg.bs * 2, shuffle=False, **common)
     dls = DataLoaders(train_dl, valid_dl, path=".")
     dls._device = device  # plain torch DataLoaders have no .to(); fastai moves each batch to dls.device
     return dls, sampler

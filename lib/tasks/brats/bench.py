@@ -1,4 +1,5 @@
-"""`python -m lib.bench brats-preprocess | brats-classifier`: the BraTS task's preprocessing and classifier speed.
+"""`python -m lib.bench brats-preprocess | brats-classifier`: the BraTS task's preprocessing and classifier speed
+(declared in the task spec's `extra["bench"]`, so `lib.bench` lists them without importing this package).
 
     python -m lib.bench brats-preprocess --data DIR [--size 256] [--workers N] [--repeat 3]
     python -m lib.bench brats-classifier [--backbone resnet10t] [--size 64] [--length 16] [--bs 4] [--steps 5]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lib.data.datasets import ImageLoader  # forked workers survive cv2's thread pool
 from lib.train import fastai_quiet  # noqa: F401  (before fastai: silences its torch.jit FutureWarning)
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
@@ -140,7 +141,7 @@ class EpochSampler(Sampler[int]):
 
 def _loader(ds: Dataset, cfg: ClsConfig, device: torch.device, sampler: Optional[Sampler] = None) -> DataLoader:
     drop = sampler is not None and len(ds) > cfg.bs
-    return DataLoader(ds, batch_size=cfg.bs, sampler=sampler, shuffle=False, drop_last=drop, collate_fn=collate,
+    return ImageLoader(ds, batch_size=cfg.bs, sampler=sampler, shuffle=False, drop_last=drop, collate_fn=collate,
                       num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
 

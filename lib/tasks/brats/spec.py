@@ -28,6 +28,8 @@ SPEC = TaskSpec(
     submission_columns=("BraTS21ID", "MGMT_value"),
     id_pattern=ID_PATTERN,
     phantom="lib.tasks.brats.phantom",
-    extra={"summary": "lib.tasks.brats.pipeline:summary"},  # python -m lib.report RUN prints this table
+    extra={"summary": "lib.tasks.brats.pipeline:summary",  # python -m lib.report RUN prints this table
+           "bench": {"brats-preprocess": "lib.tasks.brats.bench:add_preprocess_parser",  # python -m lib.bench ...
+                     "brats-classifier": "lib.tasks.brats.bench:add_classifier_parser"}},
     description="patient-level MGMT promoter methylation from four MR sequences; ROC-AUC over patients",
 )
