@@ -29,8 +29,10 @@ def _find_arch(node: Any) -> Iterator[str]:
 
 
 def params_archs() -> List[str]:
+    """The timm classifier `arch` of every ICH params file (other tasks name segmentation architectures `arch`:
+    tests/brats/test_brats_params.py checks those)."""
     archs: List[str] = []
-    for path in sorted((REPO / "params").rglob("*.yaml")):
+    for path in sorted((REPO / "params" / "ich").rglob("*.yaml")):
         archs += list(_find_arch(yaml.safe_load(path.read_text())))
     return archs
 
