@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,8 @@ from lib.models.slice_sequence import CLASSIFIERS, create_classifier
 from lib.paths import RunPaths, atomic_write, atomic_write_text
 from lib.registry import Registry
 from lib.tasks.brats.chunks import ID_NAME, PRED_NAME, CentralStackDataset, ChunkDataset, Item, brats_id, patient_mean
-from lib.train.callbacks import EpochSeed, ResumableCSVLogger, seed_everything, truncate_log
+from lib.train.callbacks import EpochSeed, ResumableCSVLogger, seed_everything
+from lib.train.resume import EpochSampler, initial_state
 from lib.train.precision import resolve_device
 
 PathLike = Union[str, Path]
@@ -121,22 +122,6 @@ def build_dataset(items: Sequence[Item], labels: Optional[Mapping[Any, Any]], cf
 def collate(batch: List[Dict[str, Any]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dataset dicts -> (x float32 (B, ...), mask bool (B, T), y float32 (B,)): fastai's (xb..., yb) tuple."""
     return tuple(torch.stack([b[k] for b in batch]) for k in ("x", "mask", "y"))  # type: ignore[return-value]
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation of range(n) drawn from (seed, epoch): the same batches in a resumed run."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = int(n), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def _loader(ds: Dataset, cfg: ClsConfig, device: torch.device, sampler: Optional[Sampler] = None) -> DataLoader:
@@ -236,34 +221,6 @@ class AucCheckpoint(Callback):
         (self.out_dir / f"epoch{e - 1}.pth").unlink(missing_ok=True)
 
 
-def _epoch_of(path: Path) -> int:
-    digits = path.stem[len("epoch"):]
-    return int(digits) if digits.isdigit() else -1
-
-
-def _initial_state(out_dir: Path, cfg: ClsConfig, device: torch.device) -> Dict[str, Any]:
-    """Fresh state (stale files removed), or the newest epoch checkpoint's when cfg.resume (config must match)."""
-    state: Dict[str, Any] = {"start_epoch": 0, "best_epoch": None, "best_value": None, "history": [],
-                             "elapsed_s": 0.0}
-    found = sorted((p for p in out_dir.glob("epoch*.pth") if _epoch_of(p) >= 0), key=_epoch_of)
-    if not cfg.resume or not found:
-        for old in [*out_dir.glob("epoch*.pth"), *(out_dir / f for f in ("best.pth", "log.csv", "oof.csv",
-                                                                          "train_result.json"))]:
-            old.unlink(missing_ok=True)
-        return state
-    ckpt = torch.load(found[-1], map_location=device, weights_only=True)
-    now = asdict(cfg)
-    diff = {k: (ckpt["cfg"].get(k), now[k]) for k in now if k not in _RESUME_FREE and ckpt["cfg"].get(k) != now[k]}
-    if diff:
-        raise ValueError(f"cannot resume from {found[-1]}: config changed {diff} (saved, now); use resume=False or "
-                         "another name")
-    state.update({k: ckpt[k] for k in ("best_epoch", "best_value", "history", "elapsed_s")})
-    state.update(start_epoch=int(ckpt["epoch"]) + 1, model=ckpt["model"], opt=ckpt["opt"],
-                 smooth_loss=ckpt.get("smooth_loss"), resumed_from=str(found[-1]))
-    truncate_log(out_dir / "log.csv", state["start_epoch"])
-    return state
-
-
 # ---------------------------------------------------------------- train / predict
 def model_dir(run_dir: PathLike, name: str) -> Path:
     """RUN/models/cls/<name>/ (created); `name` must be a plain ID such as FLAIR_fold0."""
@@ -290,7 +247,7 @@ def train_classifier(run_dir: PathLike, name: str, train_items: Sequence[Item], 
     train_ds, valid_ds = build_dataset(train_items, labels, cfg), build_dataset(valid_items, labels, cfg)
     if not len(train_ds) or not len(valid_ds):
         raise ValueError(f"{name}: {len(train_ds)} training and {len(valid_ds)} validation chunks; need > 0 each")
-    state = _initial_state(out_dir, cfg, device)
+    state = initial_state(out_dir, cfg, device, _RESUME_FREE)
     seed_everything(cfg.seed)
     model = build_model(cfg)
     if "model" in state:

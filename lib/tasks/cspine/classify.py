@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,8 @@ from lib.paths import RunPaths, atomic_write, atomic_write_text
 from lib.registry import Registry
 from lib.tasks.cspine.metric import CSPINE_GROUP, CSPINE_LABELS, CSPINE_NEG_WEIGHTS, CSPINE_POS_WEIGHTS
 from lib.tasks.cspine.overall import OVERALL_RULES, create_rule, with_overall
-from lib.train.callbacks import EpochCheckpoint, EpochSeed, ResumableCSVLogger, seed_everything, truncate_log
+from lib.train.callbacks import EpochCheckpoint, EpochSeed, ResumableCSVLogger, seed_everything
+from lib.train.resume import EpochSampler, initial_state
 from lib.train.precision import resolve_device
 
 PathLike = Union[str, Path]
@@ -208,22 +209,6 @@ def collate(batch: List[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, torch.T
     return torch.stack([b["x"] for b in batch]), torch.stack([b["y"] for b in batch])
 
 
-class EpochSampler(Sampler[int]):
-    """A permutation of range(n) drawn from (seed, epoch): the same batches in a resumed run."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = int(n), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 def _loader(ds: Dataset, cfg: CspineConfig, device: torch.device, sampler: Optional[Sampler] = None) -> DataLoader:
     return ImageLoader(ds, batch_size=cfg.bs, sampler=sampler, shuffle=False, collate_fn=collate,
                       drop_last=sampler is not None and len(ds) > cfg.bs, num_workers=cfg.num_workers,
@@ -305,34 +290,6 @@ def model_dir(run_dir: PathLike, name: str) -> Path:
     return path
 
 
-def _epoch_of(path: Path) -> int:
-    digits = path.stem[len("epoch"):]
-    return int(digits) if digits.isdigit() else -1
-
-
-def _initial_state(out_dir: Path, cfg: CspineConfig, device: torch.device) -> Dict[str, Any]:
-    """Fresh state (stale files removed), or the newest epoch checkpoint's when cfg.resume (config must match)."""
-    state: Dict[str, Any] = {"start_epoch": 0, "best_epoch": None, "best_value": None, "history": [],
-                             "elapsed_s": 0.0}
-    found = sorted((p for p in out_dir.glob("epoch*.pth") if _epoch_of(p) >= 0), key=_epoch_of)
-    if not cfg.resume or not found:
-        for old in [*out_dir.glob("epoch*.pth"), *(out_dir / f for f in ("best.pth", "log.csv", "oof.csv",
-                                                                          "train_result.json"))]:
-            old.unlink(missing_ok=True)
-        return state
-    ckpt = torch.load(found[-1], map_location=device, weights_only=True)
-    now = asdict(cfg)
-    diff = {k: (ckpt["cfg"].get(k), now[k]) for k in now if k not in _RESUME_FREE and ckpt["cfg"].get(k) != now[k]}
-    if diff:
-        raise ValueError(f"cannot resume from {found[-1]}: config changed {diff} (saved, now); use resume=False or "
-                         "another name")
-    state.update({k: ckpt[k] for k in ("best_epoch", "best_value", "history", "elapsed_s")})
-    state.update(start_epoch=int(ckpt["epoch"]) + 1, model=ckpt["model"], opt=ckpt["opt"],
-                 smooth_loss=ckpt.get("smooth_loss"), resumed_from=str(found[-1]))
-    truncate_log(out_dir / "log.csv", state["start_epoch"])
-    return state
-
-
 def _labelled(rows: pd.DataFrame, what: str) -> pd.DataFrame:
     if "label" not in rows.columns or rows.loc[rows["path"].astype(str) != "", "label"].isna().any():
         raise ValueError(f"{what} rows need a 0/1 label for every crop (column 'label')")
@@ -356,7 +313,7 @@ def train_vertebra_classifier(run_dir: PathLike, name: str, train_rows: pd.DataF
     if not len(train_ds) or not len(valid_ds):
         raise ValueError(f"{name}: {len(train_ds)} training and {len(valid_ds)} validation crops; need > 0 each")
     truth = rows_truth(valid_rows) if truth is None else truth
-    state = _initial_state(out_dir, cfg, device)
+    state = initial_state(out_dir, cfg, device, _RESUME_FREE)
     seed_everything(cfg.seed)
     model = build_model(cfg)
     if "model" in state:
