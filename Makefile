@@ -16,6 +16,11 @@ DEMO_PHANTOM_brats := --patients 60 --seed 0
 DEMO_DATA_brats := data/phantom_brats
 DEMO_MARK_brats := task2/train_labels.csv
 DEMO_OUT_brats := outputs/demo_brats
+# cspine: 60 neck CTs of 40-64 slices at 96 px, 8 test folders (the generator's default is the 12-study test set)
+DEMO_PHANTOM_cspine := --studies 60 --size 96 --test-studies 8 --seed 0
+DEMO_DATA_cspine := data/phantom_cspine
+DEMO_MARK_cspine := train.csv
+DEMO_OUT_cspine := outputs/demo_cspine
 DEMO_PHANTOM ?= $(DEMO_PHANTOM_$(TASK))
 DEMO_DATA ?= $(DEMO_DATA_$(TASK))
 DEMO_OUT ?= $(DEMO_OUT_$(TASK))
