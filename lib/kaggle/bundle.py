@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,7 @@ from lib.data.folds import read_folds
 from lib.paths import PathLike, RunPaths, attached_dataset
 
 FORMAT = 1
+Collector = Callable[[PathLike], Tuple[Dict[str, Any], Dict[str, Path]]]
 
 
 class BundleError(ValueError):
@@ -166,16 +167,20 @@ class Bundle:
     source: str
 
     @classmethod
-    def from_folder(cls, folder: PathLike) -> "Bundle":
+    def from_folder(cls, folder: PathLike, task: Optional[str] = None) -> "Bundle":
+        """A packaged weights folder; `task` given: it must be that task's (manifests without `task` are ich's)."""
         folder = Path(folder)
         manifest = _json(folder / "manifest.json")
         if manifest.get("kind") != "weights" or manifest.get("format") != FORMAT:
             raise BundleError(f"{folder} is not a weights package of format {FORMAT} (lib.kaggle package-weights)")
+        if task and manifest.get("task", "ich") != task:
+            raise BundleError(f"{folder} holds weights of task {manifest.get('task', 'ich')!r}, not {task!r}")
         return cls(manifest, {n: folder / n for n in manifest["files"]}, str(folder))
 
     @classmethod
-    def from_run(cls, run_dir: PathLike) -> "Bundle":
-        manifest, files = collect_weights(run_dir)
+    def from_run(cls, run_dir: PathLike, collect: Optional[Collector] = None) -> "Bundle":
+        """The run's own files, found by `collect` (a task's collect_weights; default the ICH one)."""
+        manifest, files = (collect or collect_weights)(run_dir)
         return cls(manifest, files, str(run_dir))
 
     def path(self, name: str) -> Path:
@@ -184,12 +189,14 @@ class Bundle:
         return self.files[name]
 
 
-def load_bundle(weights_dir: str = "", weights_dataset: str = "", run_dir: str = "") -> Bundle:
-    """weights_dir (a packaged folder) > weights_dataset (attached Kaggle dataset slug) > the run's own models."""
+def load_bundle(weights_dir: str = "", weights_dataset: str = "", run_dir: str = "",
+                collect: Optional[Collector] = None, task: Optional[str] = None) -> Bundle:
+    """weights_dir (a packaged folder) > weights_dataset (attached Kaggle dataset slug) > the run's own models
+    (found by `collect`, default the ICH collect_weights). `task`: a packaged folder must hold that task's weights."""
     if weights_dir:
-        return Bundle.from_folder(weights_dir)
+        return Bundle.from_folder(weights_dir, task)
     if weights_dataset:
-        return Bundle.from_folder(attached_dataset(weights_dataset))
+        return Bundle.from_folder(attached_dataset(weights_dataset), task)
     if run_dir:
-        return Bundle.from_run(run_dir)
+        return Bundle.from_run(run_dir, collect)
     raise BundleError("no weights: pass weights_dir, weights_dataset (on Kaggle) or a run_dir with trained models")

@@ -26,7 +26,9 @@ from lib.data.datasets import neighbours
 from lib.tasks.ich.labels import SUBTYPES
 from lib.tasks.ich import submission
 from lib.tasks.ich.postprocess import any_ge_max
-from lib.paths import PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
+from lib.kaggle import runtime
+from lib.kaggle.runtime import output_paths, resolve_run_dir, submission_paths  # noqa: F401  (the kernel's names)
+from lib.paths import PathLike, RunPaths, atomic_write_text
 from lib.tasks.ich.data import CompetitionData
 from lib.sequence.features import SeriesDataset, load_models, open_embedding_set, predict_probs
 
@@ -35,41 +37,11 @@ INFERENCE_PACKAGES = ("torch", "torchvision", "timm", "fastai", "pydicom", "pyli
                       "pylibjpeg-openjpeg", "albumentations", "numpy", "pandas", "pyarrow", "scikit-learn", "tqdm")
 
 
-# ---------------------------------------------------------------- where
-def resolve_run_dir(run_dir: str) -> Path:
-    """The given run directory, else Kaggle's working directory inside a kernel."""
-    if run_dir:
-        return Path(run_dir).expanduser().resolve()
-    if on_kaggle():
-        return kaggle_working_dir()
-    raise ValueError("run_dir is empty: the runner passes it; only a Kaggle kernel may leave it empty")
-
-
-def output_paths(run_dir: PathLike) -> RunPaths:
-    """Inference artefacts live in <run_dir>/inference/ (never over a training run's own files)."""
-    return RunPaths.at(Path(run_dir) / "inference")
-
-
+# ---------------------------------------------------------------- where (shared with every task's kernel)
 def requirements_report(requirements: Optional[PathLike] = None) -> pd.DataFrame:
     """Installed versions of the inference packages against requirements.txt's pins (beside lib/, so also inside
     the code dataset): a package the Kaggle image lacks, or has in another range, belongs in the wheels dataset."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    path = Path(requirements) if requirements else Path(__file__).resolve().parents[3] / "requirements.txt"
-    rows = []
-    for line in path.read_text().splitlines():
-        req = Requirement(line.split("#")[0].strip()) if line.split("#")[0].strip() else None
-        if req is None or req.name not in INFERENCE_PACKAGES:
-            continue
-        try:
-            have: Optional[str] = metadata.version(req.name)
-        except metadata.PackageNotFoundError:
-            have = None
-        rows.append({"package": req.name, "required": str(req.specifier) or "any", "installed": have,
-                     "ok": have is not None and req.specifier.contains(have, prereleases=True)})
-    return pd.DataFrame(rows).set_index("package")
+    return runtime.requirements_report(INFERENCE_PACKAGES, requirements)
 
 
 # ---------------------------------------------------------------- the test-time steps
@@ -140,11 +112,6 @@ def fill_missing(pred: pd.DataFrame, sample_submission: PathLike) -> Tuple[pd.Da
     """Images of the sample submission without a prediction (unreadable DICOMs) get the mean prediction of the
     readable ones (the bundle carries no training labels; on the training path the prior is the prevalence)."""
     return submission.fill_missing(pred, sample_submission, pred.mean())
-
-
-def submission_paths(rp: RunPaths) -> List[Path]:
-    """Where the submission goes: <run_dir>/inference/submission.csv, plus /kaggle/working/ inside a kernel."""
-    return [rp.submission] + ([kaggle_working_dir() / "submission.csv"] if on_kaggle() else [])
 
 
 def compare_with_run(sub: PathLike, run_dir: PathLike, written: List[Path]) -> Optional[float]:

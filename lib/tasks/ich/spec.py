@@ -24,5 +24,8 @@ SPEC = TaskSpec(
     submission_columns=("ID", "Label"),
     id_pattern=ID_PATTERN,
     phantom="lib.tasks.ich.phantom",
+    extra={"kernel": {"notebook": "07_inference.ipynb", "code_slug": "rsna-ich-code",  # lib.kaggle.package.KernelSpec
+                      "weights_prefix": "rsna-ich-weights", "wheels_slug": "rsna-ich-wheels",
+                      "collect_weights": "lib.kaggle.bundle:collect_weights", "half": ["cnn_"]}},
     description="per-slice 6-label hemorrhage detection on head CT; weighted multi-label log loss (any = 2)",
 )
