@@ -313,9 +313,13 @@ def patient_folds(labels: pd.Series, n_folds: int = 5, seed: int = 0) -> pd.Seri
 
 
 def load_classifier(model_dir: PathLike, cfg: ClsConfig) -> nn.Module:
-    """The best epoch's model of a `train_classifier` run folder (RUN/models/cls/<name>/best.pth), in eval mode on
-    the config's device."""
+    """The best epoch's model of a `train_classifier` run folder (RUN/models/cls/<name>/best.pth), or that
+    checkpoint file itself (a weights bundle's copy), in eval mode on the config's device."""
+    path = Path(model_dir)
+    path = path if path.suffix == ".pth" else path / "best.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier checkpoint not found: {path}")
     device = resolve_device(cfg.device)
     model = build_model(cfg)
-    model.load_state_dict(torch.load(Path(model_dir) / "best.pth", map_location=device, weights_only=True)["model"])
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
     return model.to(device).eval()

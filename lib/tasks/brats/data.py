@@ -65,9 +65,11 @@ class BratsData:
         """The phantom's test labels (absent for the real download)."""
         return self.root / "_truth" / "test_labels.csv"
 
-    def check(self, need_task1: bool = True) -> "BratsData":
-        """FileNotFoundError naming every missing piece of the layout."""
-        need = [self.split_dir("train"), self.split_dir("test"), self.train_labels, self.sample_submission]
+    def check(self, need_task1: bool = True, need_train: bool = True) -> "BratsData":
+        """FileNotFoundError naming every missing piece of the layout (need_train False: test-only inference, as
+        in a kernel, needs only test/ and sample_submission.csv)."""
+        need = [self.split_dir("test"), self.sample_submission]
+        need += [self.split_dir("train"), self.train_labels] if need_train else []
         need += [self.task1_dir] if need_task1 else []
         missing = [str(p) for p in need if not p.exists()]
         if missing:

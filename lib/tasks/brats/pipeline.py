@@ -151,7 +151,7 @@ def ensure_patient_folds(rp: RunPaths, labels: pd.Series, n_folds: int, seed: in
     return folds
 
 
-def _items(rp: RunPaths, split: str, mri: str, model: str) -> List[Tuple[str, Path]]:
+def model_items(rp: RunPaths, split: str, mri: str, model: str) -> List[Tuple[str, Path]]:
     """(patient, input array path) of one MRI type: mask stacks for the 2D models, the normalised series volume
     for the 3D one; series without any kept slice are left out."""
     if model == "resnet10_3d":
@@ -169,12 +169,12 @@ def classifier_cv(rp: RunPaths, mri: str, labels: pd.Series, folds: pd.Series, c
 
     OOF and fold-mean test predictions are written to predictions/oof_<model>_<mri>.csv / test_<...>.csv.
     """
-    from lib.tasks.brats.classify import load_classifier, predict_patients, train_classifier
+    from lib.tasks.brats.classify import train_classifier
 
     name = f"{cfg.model}_{mri}"
-    items = [(p, a) for p, a in _items(rp, "train", mri, cfg.model) if p in labels.index]
-    test_items = _items(rp, "test", mri, cfg.model)
-    oof, tests, fold_auc = [], [], []
+    items = [(p, a) for p, a in model_items(rp, "train", mri, cfg.model) if p in labels.index]
+    test_items = model_items(rp, "test", mri, cfg.model)
+    oof, model_dirs, fold_auc = [], [], []
     for k in sorted(folds.unique()):
         valid_ids = set(folds.index[folds == k])
         tr = [it for it in items if it[0] not in valid_ids]
@@ -182,13 +182,26 @@ def classifier_cv(rp: RunPaths, mri: str, labels: pd.Series, folds: pd.Series, c
         res = train_classifier(rp.root, f"{name}_fold{k}", tr, va, labels, cfg)
         oof.append(res["oof"])
         fold_auc.append(res["valid_auc"])
-        if test_items:
-            tests.append(predict_patients(load_classifier(res["model_dir"], cfg), test_items, cfg))
+        model_dirs.append(res["model_dir"])
     oof_s = pd.concat(oof).rename(LABEL).rename_axis("BraTS21ID")
-    test_s = (pd.concat(tests, axis=1).mean(axis=1) if tests else pd.Series(dtype=float)).rename(LABEL)
+    test_s = fold_mean_predictions(model_dirs, test_items, cfg)
     for path, s in ((rp.oof_predictions(name), oof_s), (rp.test_predictions(name), test_s.rename_axis("BraTS21ID"))):
         atomic_write_text(path, s.reset_index().to_csv(index=False))
     return {"oof": oof_s, "test": test_s, "fold_auc": fold_auc}
+
+
+def fold_mean_predictions(models: Sequence[Path], items: Sequence[Tuple[str, Path]], cfg) -> pd.Series:
+    """Every fold model (a `train_classifier` folder or its best.pth) predicts every item's patient; the mean over
+    folds -> Series BraTS21ID -> probability, name MGMT_value (empty without items): the test rule of
+    `classifier_cv` and of test-only inference alike."""
+    from lib.tasks.brats.classify import load_classifier, predict_patients
+
+    if not items:
+        return pd.Series(dtype=float, name=LABEL)
+    preds = [predict_patients(load_classifier(m, cfg), items, cfg) for m in models]
+    if not preds:
+        raise ValueError("fold_mean_predictions: no fold models given")
+    return pd.concat(preds, axis=1).mean(axis=1).rename(LABEL)
 
 
 def _mask_ratio(path: Path) -> float:
@@ -196,6 +209,33 @@ def _mask_ratio(path: Path) -> float:
     st = np.load(path, mmap_mode="r")
     wt = float((st[:, 1] > 127).sum())
     return float((st[:, 2] > 127).sum()) / wt if wt else float("nan")
+
+
+def mask_ratio_features(rp: RunPaths, split: str, mri: str) -> pd.Series:
+    """ET / WT area ratio per patient of the `split` stacks of MRI type `mri` (patients without kept slices or
+    without WT pixels left out): Series BraTS21ID -> float."""
+    st = pd.read_parquet(stacks_table_path(rp, split))
+    st = st[(st["sequence"] == mri) & (st["n_kept"] > 0)]
+    return pd.Series({str(r.BraTS21ID): _mask_ratio(rp.root / r.path) for r in st.itertuples()},
+                     dtype=float).dropna()
+
+
+def mask_ratio_model_path(rp: RunPaths, mri: str) -> Path:
+    """RUN/models/mask_ratio/<mri>.json: the baseline's per-fold logistic regressions {"mri", "folds": {k:
+    {"coef", "intercept"}}}."""
+    return child_path(rp.root / "models" / "mask_ratio", mri, ".json")
+
+
+def mask_ratio_predict(folds: Dict[str, Dict[str, float]], features: pd.Series) -> pd.Series:
+    """Mean over the fold regressions of sigmoid(coef * ratio + intercept) -> Series BraTS21ID -> probability
+    (empty without features)."""
+    if not len(features):
+        return pd.Series(dtype=float, name=LABEL)
+    if not folds:
+        raise ValueError("mask_ratio_predict: no fold regressions given")
+    x = features.to_numpy(np.float64)
+    probs = [1.0 / (1.0 + np.exp(-(float(f["coef"]) * x + float(f["intercept"])))) for f in folds.values()]
+    return pd.Series(np.mean(probs, axis=0), index=features.index, name=LABEL)
 
 
 def mask_ratio_cv(rp: RunPaths, mri: str, labels: pd.Series, folds: pd.Series) -> Dict[str, object]:
@@ -207,14 +247,9 @@ def mask_ratio_cv(rp: RunPaths, mri: str, labels: pd.Series, folds: pd.Series) -
     """
     from sklearn.linear_model import LogisticRegression
 
-    def feats(split: str) -> pd.Series:
-        st = pd.read_parquet(stacks_table_path(rp, split))
-        st = st[(st["sequence"] == mri) & (st["n_kept"] > 0)]
-        return pd.Series({str(r.BraTS21ID): _mask_ratio(rp.root / r.path) for r in st.itertuples()}).dropna()
-
-    train, test = feats("train"), feats("test")
+    train, test = mask_ratio_features(rp, "train", mri), mask_ratio_features(rp, "test", mri)
     train = train[train.index.isin(labels.index)]
-    oof, tests, fold_auc = [], [], []
+    oof, coefs, fold_auc = [], {}, []
     for k in sorted(folds.unique()):
         va = train.index[folds.reindex(train.index).to_numpy() == k]
         tr = train.index.difference(va)
@@ -223,11 +258,11 @@ def mask_ratio_cv(rp: RunPaths, mri: str, labels: pd.Series, folds: pd.Series) -
         oof.append(p)
         y = labels[va]
         fold_auc.append(float(roc_auc_score(y, p)) if y.nunique() == 2 else float("nan"))
-        if len(test):
-            tests.append(pd.Series(clf.predict_proba(test.to_numpy()[:, None])[:, 1], index=test.index))
+        coefs[str(k)] = {"coef": float(clf.coef_[0, 0]), "intercept": float(clf.intercept_[0])}
     name = f"mask_ratio_{mri}"
+    atomic_write_text(mask_ratio_model_path(rp, mri), json.dumps({"mri": mri, "folds": coefs}, indent=1))
     oof_s = pd.concat(oof).rename(LABEL).rename_axis("BraTS21ID")
-    test_s = (pd.concat(tests, axis=1).mean(axis=1) if tests else pd.Series(dtype=float)).rename(LABEL)
+    test_s = mask_ratio_predict(coefs, test)
     for path, ser in ((rp.oof_predictions(name), oof_s), (rp.test_predictions(name), test_s.rename_axis("BraTS21ID"))):
         atomic_write_text(path, ser.reset_index().to_csv(index=False))
     return {"oof": oof_s, "test": test_s, "fold_auc": fold_auc}
@@ -275,22 +310,40 @@ def blend(rp: RunPaths, labels: pd.Series, inputs: Sequence[str], method: str) -
     oof = pd.DataFrame({n: _read_pred(rp.oof_predictions(n)) for n in names}).reindex(labels.index)
     test = pd.DataFrame({n: _read_pred(rp.test_predictions(n)) for n in names})
     y = labels
+    if method not in BLEND_METHODS:
+        raise KeyError(f"unknown blend method {method!r}; valid: {', '.join(BLEND_METHODS)}")
     single = {n: roc_auc_score(y[oof[n].notna()], oof[n].dropna()) for n in names}
-    if method == "best":
-        best = max(single, key=single.get)
-        oof_b, test_b = oof[best], test[best]
-    elif method == "rank_mean":
-        oof_b, test_b = oof.rank(pct=True).mean(axis=1), test.rank(pct=True).mean(axis=1)
-    elif method == "mean":
-        oof_b, test_b = oof.mean(axis=1), test.mean(axis=1)
-    else:
-        raise KeyError(f"unknown blend method {method!r}; valid: mean, rank_mean, best")
+    best = max(single, key=single.get) if method == "best" else None
+    oof_b = combine(oof, method, best)
     oof_b = oof_b.fillna(float(labels.mean()))  # a patient no input could predict: the prior, as in the submission
     auc = float(roc_auc_score(y, oof_b))
     table = pd.DataFrame({"oof_auc": {**single, "blend": auc}})
     atomic_write_text(rp.oof_predictions("ensemble"), oof_b.rename(LABEL).rename_axis("BraTS21ID").reset_index()
                       .to_csv(index=False))
-    return {"oof_auc": auc, "test": test_b.dropna().clip(0, 1), "table": table, "inputs": names}
+    return {"oof_auc": auc, "test": blend_test(test, method, best), "table": table, "inputs": names, "best": best}
+
+
+BLEND_METHODS = ("mean", "rank_mean", "best")
+
+
+def combine(preds: pd.DataFrame, method: str, best: Optional[str] = None) -> pd.Series:
+    """One column per prediction set (NaN: the set has no prediction for that patient) -> the blend: `mean` of
+    probabilities, `rank_mean` of per-set percentile ranks over the patients present, or the column `best`."""
+    if method == "best":
+        if best not in preds.columns:
+            raise KeyError(f"blend method 'best' needs one of the columns {list(preds.columns)}, got {best!r}")
+        return preds[best]
+    if method == "rank_mean":
+        return preds.rank(pct=True).mean(axis=1)
+    if method == "mean":
+        return preds.mean(axis=1)
+    raise KeyError(f"unknown blend method {method!r}; valid: {', '.join(BLEND_METHODS)}")
+
+
+def blend_test(test: pd.DataFrame, method: str, best: Optional[str] = None) -> pd.Series:
+    """The test blend as the submission takes it: `combine`, patients no set predicted dropped (they get the
+    prior), clipped to [0, 1]."""
+    return combine(test, method, best).dropna().clip(0, 1)
 
 
 def write_brats_submission(rp: RunPaths, data: BratsData, test: pd.Series, prior: float) -> Tuple[Path, int]:
