@@ -4,7 +4,8 @@
     python -m lib.kaggle package-weights RUN [--task T] [--out DIR] [--slug rsna-ich-weights-<run>]
     python -m lib.kaggle package-wheels [--task T] [--out DIR] [--packages P ...] [--python 3.11] [--platform TAG ...]
                                         [--find-links DIR] [--dry-run]
-    python -m lib.kaggle build-kernel --run RUN --slug SLUG [--task T] [--title T] [--gpu/--no-gpu] [--private/--public]
+    python -m lib.kaggle build-kernel --run RUN --slug SLUG [--task T] [--title T] [--gpu/--no-gpu]
+                                      [--private/--public]
     python -m lib.kaggle validate DIR ...      # check metadata files the way the kaggle CLI reads them
 
 Each task declares its kernel in its spec, `extra["kernel"]` (`KernelSpec`): the notebook under notebooks/<task>/,
@@ -12,11 +13,11 @@ the code / weights / wheels slugs, the packages the Kaggle image lacks and the "
 run's weights. package-weights and build-kernel take the task from the run's manifest.json (`--task` must agree);
 package-code and package-wheels from `--task` (default ich). Shared code never imports a task package: the spec's
 strings are resolved with importlib. Kernels are generated from the task's inference notebook by
-`papermill --prepare-only` (parameters baked in) and never edited by hand; `kernel-metadata.json` always says `enable_internet: false`. Outputs default to
-kernels/<slug>/ (kernels) and kernels/datasets/<slug>/ (datasets), both git-ignored. RUN is a run directory or a run
-name under outputs/. The Kaggle user comes from --user, else $KAGGLE_USERNAME, else a placeholder
-(`lib.kaggle_meta.USER_PLACEHOLDER`; rebuild with --user before pushing). Nothing here talks to Kaggle: pushing is
-the kaggle CLI's job (kernels/README.md).
+`papermill --prepare-only` (parameters baked in) and never edited by hand; `kernel-metadata.json` always says
+`enable_internet: false`. Outputs default to kernels/<slug>/ (kernels) and kernels/datasets/<slug>/ (datasets), both
+git-ignored. RUN is a run directory or a run name under outputs/. The Kaggle user comes from --user, else
+$KAGGLE_USERNAME, else a placeholder (`lib.kaggle.meta.USER_PLACEHOLDER`; rebuild with
+--user before pushing). Nothing here talks to Kaggle: pushing is the kaggle CLI's job (kernels/README.md).
 """
 from __future__ import annotations
 
