@@ -64,12 +64,15 @@ bench: $(STAMP) data
 	$(VPY) -m lib.bench loader
 	$(VPY) -m lib.bench sequence
 
+KERNEL_SLUG_ich := rsna-ich-demo-infer
+KERNEL_SLUG_brats := rsna-brats-demo-infer
 # Package the demo run as the three Kaggle datasets and generate its offline inference kernel (nothing is pushed).
+# TASK=ich | brats (cspine has no kernel yet).
 kernel: $(STAMP)
-	$(VPY) -m lib.kaggle package-code
+	$(VPY) -m lib.kaggle package-code --task $(TASK)
 	$(VPY) -m lib.kaggle package-weights $(DEMO_OUT)
-	$(VPY) -m lib.kaggle package-wheels
-	$(VPY) -m lib.kaggle build-kernel --run $(DEMO_OUT) --slug rsna-ich-demo-infer
+	$(VPY) -m lib.kaggle package-wheels --task $(TASK)
+	$(VPY) -m lib.kaggle build-kernel --run $(DEMO_OUT) --slug $(KERNEL_SLUG_$(TASK))
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
