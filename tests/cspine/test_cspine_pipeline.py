@@ -121,3 +121,25 @@ def test_benchmarks_print_one_json_line(cspine_data: Path):
                          timeout=600)
     assert seg.returncode == 0, seg.stderr[-2000:]
     assert json.loads(seg.stdout.strip().splitlines()[-1])["volumes_s"] > 0
+
+
+def test_oof_table_scores_fitted_rules_out_of_fold_in_every_column():
+    """The logistic rule's row: its per-label losses and its score come from the same cross-fitted overall
+    prediction (a full fit on the scored studies would make the patient_overall column optimistic)."""
+    rng = np.random.default_rng(1)
+    studies = [f"{UID}{i}" for i in range(60)]
+    truth = pd.DataFrame({"StudyInstanceUID": studies,
+                          **{c: (rng.random(60) < 0.1).astype(int) for c in CSPINE_LABELS[:7]}})
+    truth["patient_overall"] = truth[list(CSPINE_LABELS[:7])].max(axis=1)
+    oof = truth[["StudyInstanceUID"]].assign(**{c: np.clip(0.5 * truth[c] + 0.5 * rng.random(60), 0.01, 0.99)
+                                                for c in CSPINE_LABELS[:7]})
+    table = pipeline.oof_table({"m": oof}, truth, seed=0).set_index("rule")
+    for rule in ("max", "noisy_or", "logistic"):
+        pred = pipeline.oof_with_rule(oof, rule, truth, seed=0)
+        assert table.loc[rule, "score"] == pytest.approx(pipeline.score(truth, pred), abs=1e-12)
+        assert table.loc[rule, "patient_overall"] == pytest.approx(
+            pipeline.per_label_losses(truth, pred)["patient_overall"], abs=1e-12)
+    full = pipeline.with_rule(oof, "logistic", oof, truth)
+    assert pipeline.per_label_losses(truth, full)["patient_overall"] < table.loc["logistic", "patient_overall"]
+    assert table.loc["-", "score"] == pytest.approx(pipeline.prior_score(
+        truth, {c: float(truth[c].mean()) for c in CSPINE_LABELS}, studies))

@@ -109,7 +109,7 @@ def with_overall(vert: pd.DataFrame, rule: Any) -> pd.DataFrame:
     return out
 
 
-def _cross_fitted(name: str, probs: np.ndarray, y: np.ndarray, cv: int, seed: int) -> np.ndarray:
+def cross_fitted(name: str, probs: np.ndarray, y: np.ndarray, cv: int, seed: int) -> np.ndarray:
     """Out-of-fold overall predictions of a fitted rule (stratified `cv` folds over studies)."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -137,7 +137,7 @@ def compare_rules(oof: pd.DataFrame, truth: pd.DataFrame, rules: Optional[list] 
     rows = []
     for name in rules or OVERALL_RULES.names():
         rule = create_rule(name)
-        overall = _cross_fitted(name, probs, y, cv, seed) if rule.needs_fit else rule.predict(probs)
+        overall = cross_fitted(name, probs, y, cv, seed) if rule.needs_fit else rule.predict(probs)
         pred = merged[[CSPINE_GROUP, *VERTEBRAE]].assign(**{OVERALL: overall})
         score = study_weighted_logloss(truth[truth[CSPINE_GROUP].isin(pred[CSPINE_GROUP])], pred, CSPINE_LABELS,
                                        CSPINE_POS_WEIGHTS, CSPINE_NEG_WEIGHTS, CSPINE_GROUP)

@@ -258,7 +258,7 @@ def oof_table(oofs: Dict[str, pd.DataFrame], labels: pd.DataFrame, rules: Sequen
         truth = labels[labels[CSPINE_GROUP].isin(oof[CSPINE_GROUP])]
         cmp = compare_rules(oof, truth, list(rules), seed=seed).set_index("rule")
         for rule in rules:
-            pred = with_rule(oof, rule, oof, truth, seed)
+            pred = oof_with_rule(oof, rule, truth, seed)
             rows.append({"model": name, "rule": rule, "score": float(cmp.loc[rule, "score"]),
                          **per_label_losses(truth, pred)})
     first = next(iter(oofs.values()))
@@ -269,9 +269,22 @@ def oof_table(oofs: Dict[str, pd.DataFrame], labels: pd.DataFrame, rules: Sequen
     return pd.DataFrame(rows)
 
 
+def oof_with_rule(oof: pd.DataFrame, rule: str, truth: pd.DataFrame, seed: int = 0, cv: int = 5) -> pd.DataFrame:
+    """OOF vertebra predictions + patient_overall by `rule`, a fitted rule cross-fitted as in `compare_rules` (no
+    study's overall comes from a rule fitted on it), so the per-label losses match the score column."""
+    from lib.tasks.cspine.overall import cross_fitted, as_matrix, create_rule, with_overall
+
+    r = create_rule(rule)
+    if not r.needs_fit:
+        return with_overall(oof, r)
+    merged = oof[[CSPINE_GROUP, *VERTEBRAE]].merge(truth[[CSPINE_GROUP, OVERALL]], on=CSPINE_GROUP)
+    overall = cross_fitted(rule, as_matrix(merged), merged[OVERALL].to_numpy(np.int64), cv, seed)
+    return merged[[CSPINE_GROUP, *VERTEBRAE]].assign(**{OVERALL: overall})
+
+
 def with_rule(vert: pd.DataFrame, rule: str, oof: pd.DataFrame, truth: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """`vert` + patient_overall by `rule`; a fitted rule is fitted on (oof, truth) (for OOF rows themselves the
-    score in `oof_table` comes from compare_rules' cross-fitting; this gives the test-time prediction)."""
+    """`vert` + patient_overall by `rule`; a fitted rule is fitted on all of (oof, truth): the test-time
+    prediction (OOF rows themselves are scored by `oof_with_rule`)."""
     from lib.tasks.cspine.overall import create_rule, with_overall
 
     r = create_rule(rule)
