@@ -521,6 +521,17 @@ def _check_submission(path: Path, sample: Path) -> "Any":
     return sub.set_index("ID")["Label"]
 
 
+def kaggle_env(monkeypatch: "Any", inp: Path, work: Path, site: Path) -> None:
+    """The environment of an offline Kaggle kernel run: the simulated /kaggle/input and /kaggle/working, no pip
+    index (only the wheels dataset may serve pip), wheels installed into `site`."""
+    for key in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):  # only the wheels dataset may serve pip
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_INPUT_ROOT": str(inp), "KAGGLE_WORKING_DIR":
+                       str(work), "HF_HUB_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_TARGET": str(site),
+                       "PYTHONPATH": str(site), "PIP_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.slow
 def test_offline_kernel_on_simulated_kaggle_input(tmp_path, monkeypatch, kaggle_api):
     import time
@@ -562,12 +573,7 @@ def test_offline_kernel_on_simulated_kaggle_input(tmp_path, monkeypatch, kaggle_
         api.dataset_create_new(str(folder))
     assert captured[0].enable_internet is False and len(captured) == 4
 
-    for key in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):  # only the wheels dataset may serve pip
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_INPUT_ROOT": str(inp), "KAGGLE_WORKING_DIR":
-                       str(work), "HF_HUB_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_TARGET": str(site),
-                       "PYTHONPATH": str(site), "PIP_CONFIG_FILE": os.devnull}.items():
-        monkeypatch.setenv(key, value)
+    kaggle_env(monkeypatch, inp, work, site)
     t0 = time.time()
     pm.execute_notebook(str(kernel / "rsna-ich-kproof-infer.ipynb"), str(tmp_path / "kernel_executed.ipynb"),
                         cwd=str(work), kernel_name="python3", progress_bar=False)

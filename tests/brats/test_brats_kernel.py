@@ -4,7 +4,6 @@ unreadable test patient, the blend rule shared with the run, and (slow) the offl
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List
@@ -22,7 +21,7 @@ from lib.tasks.brats import infer, pipeline
 from lib.tasks.brats.data import COMPETITION, BratsData
 from lib.tasks.brats.phantom import generate
 from lib.tasks.brats.preprocess import cache_key
-from test_kaggle import kaggle_api, make_wheel, offline_api  # noqa: F401  (kaggle_api is a fixture)
+from test_kaggle import kaggle_api, kaggle_env, make_wheel, offline_api  # noqa: F401  (kaggle_api is a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "brats" / "07_inference.ipynb"
@@ -318,12 +317,7 @@ def test_offline_kernel_on_simulated_kaggle_input(tmp_path, monkeypatch, kaggle_
     assert sorted(push.dataset_data_sources) == sorted(f"tester/{s}" for s in (
         ks.code_slug, ks.wheels_slug, "rsna-brats-weights-bkproof"))
 
-    for key in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):  # only the wheels dataset may serve pip
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_INPUT_ROOT": str(inp), "KAGGLE_WORKING_DIR":
-                       str(work), "HF_HUB_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_TARGET": str(site),
-                       "PYTHONPATH": str(site), "PIP_CONFIG_FILE": os.devnull}.items():
-        monkeypatch.setenv(key, value)
+    kaggle_env(monkeypatch, inp, work, site)
     t0 = time.time()
     pm.execute_notebook(str(kernel / "rsna-brats-bkproof-infer.ipynb"), str(tmp_path / "kernel_executed.ipynb"),
                         cwd=str(work), kernel_name="python3", progress_bar=False)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict
 
 import numpy as np
+
+from lib.bench.timing import best_times
 
 
 def _naive(split_dir: Path, out: Path, size: int) -> None:
@@ -58,16 +58,7 @@ def bench_preprocess(data: str, size: int = 256, workers: int = 0, repeat: int =
         "ours_1proc": lambda d: cache_series(split, d, size=size, workers=1, progress=False),
         "ours_parallel": lambda d: cache_series(split, d, size=size, workers=workers, progress=False),
     }
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            tmp = Path(tempfile.mkdtemp(prefix="bench_brats_"))
-            try:
-                t0 = time.perf_counter()
-                fn(tmp)
-                best[k] = min(best[k], time.perf_counter() - t0)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    best = best_times(fns, repeat, "bench_brats_")
     out = {"series": n_series, "size": size, "workers": workers}
     out.update({f"{k}_series_s": round(n_series / v, 2) for k, v in best.items()})
     out["parallel_vs_naive"] = round(best["naive"] / best["ours_parallel"], 2)

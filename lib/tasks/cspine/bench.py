@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
 import numpy as np
+
+from lib.bench.timing import best_times
 
 
 def _naive(images: Path, out: Path, size: Sequence[int]) -> None:
@@ -55,16 +55,7 @@ def bench_volumes(data: str, size: Sequence[int] = (64, 96, 96), workers: int = 
         "ours_1proc": lambda d: cache_volumes(studies, d, size=size, workers=1, progress=False),
         "ours_parallel": lambda d: cache_volumes(studies, d, size=size, workers=workers, progress=False),
     }
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            tmp = Path(tempfile.mkdtemp(prefix="bench_cspine_"))
-            try:
-                t0 = time.perf_counter()
-                fn(tmp)
-                best[k] = min(best[k], time.perf_counter() - t0)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    best = best_times(fns, repeat, "bench_cspine_")
     out = {"studies": len(studies), "slices": n_slices, "size": list(size), "workers": workers}
     out.update({f"{k}_slices_s": round(n_slices / v, 1) for k, v in best.items()})
     out["parallel_vs_naive"] = round(best["naive"] / best["ours_parallel"], 2)
