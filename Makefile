@@ -66,8 +66,9 @@ bench: $(STAMP) data
 
 KERNEL_SLUG_ich := rsna-ich-demo-infer
 KERNEL_SLUG_brats := rsna-brats-demo-infer
+KERNEL_SLUG_cspine := rsna-cspine-demo-infer
 # Package the demo run as the three Kaggle datasets and generate its offline inference kernel (nothing is pushed).
-# TASK=ich | brats (cspine has no kernel yet).
+# TASK=ich | brats | cspine.
 kernel: $(STAMP)
 	$(VPY) -m lib.kaggle package-code --task $(TASK)
 	$(VPY) -m lib.kaggle package-weights $(DEMO_OUT)

@@ -150,7 +150,7 @@ def test_package_weights_takes_the_task_from_the_run(tmp_path, kaggle_api):  # n
     assert captured[-1].slug == "rsna-brats-weights-fake"
 
 
-def test_kernel_spec_per_task():
+def test_kernel_spec_per_task(monkeypatch):
     ks = kg.kernel_spec("brats")
     assert ks.notebook == NOTEBOOK and (ks.code_slug, ks.wheels_slug) == ("rsna-brats-code", "rsna-brats-wheels")
     assert ks.collector() is infer.collect_weights
@@ -158,8 +158,15 @@ def test_kernel_spec_per_task():
     ich = kg.kernel_spec()
     assert (ich.notebook, ich.code_slug, ich.wheels_slug, ich.wheels) == (kg.NOTEBOOK, kg.CODE_SLUG, kg.WHEELS_SLUG,
                                                                           kg.KAGGLE_MISSING)
-    with pytest.raises(ValueError, match="'cspine' declares no Kaggle kernel"):
-        kg.kernel_spec("cspine")
+    from dataclasses import replace
+
+    from lib.tasks import get_task
+
+    bare = replace(get_task("brats"), extra={})
+    with monkeypatch.context() as m:
+        m.setattr(kg, "get_task", lambda name=None: bare)
+        with pytest.raises(ValueError, match="'brats' declares no Kaggle kernel"):
+            kg.kernel_spec("brats")
     with pytest.raises(KeyError, match="unknown task"):
         kg.kernel_spec("nope")
 

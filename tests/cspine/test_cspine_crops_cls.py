@@ -2,6 +2,7 @@
 on hand-made masks and tiny tensors (8 slices x 32 px)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,32 @@ def test_overall_rules_by_hand():
         OVERALL_RULES.get("mean")
     with pytest.raises(ValueError, match=r"\(N, 7\)"):
         create_rule("max").predict(p[:, :6])
+
+
+def test_rule_state_round_trip_predicts_as_sklearn():
+    """The Kaggle bundle stores a fitted rule as JSON: the rebuilt rule must predict what sklearn's model does."""
+    from sklearn.linear_model import LogisticRegression
+
+    from lib.tasks.cspine.overall import rule_from_state
+
+    rng = np.random.default_rng(1)
+    probs = rng.uniform(0, 0.4, (60, 7))
+    y = (rng.uniform(size=60) < 0.4).astype(int)
+    probs[y == 1, 4] = rng.uniform(0.5, 0.95, int(y.sum()))
+    rule = create_rule("logistic", C=0.5).fit(probs, y)
+    feats = rule._features(probs)
+    sk = LogisticRegression(C=0.5, class_weight={0: 7.0, 1: 14.0}, max_iter=1000).fit(feats, y)
+    assert np.allclose(rule.predict(probs), sk.predict_proba(feats)[:, 1], atol=1e-12)
+    state = json.loads(json.dumps(rule.state()))
+    assert state["rule"] == "logistic" and state["C"] == 0.5 and len(state["coef"]) == 7
+    assert np.array_equal(rule_from_state(state).predict(probs), rule.predict(probs))
+    assert np.array_equal(rule_from_state(create_rule("max").state()).predict(probs), probs.max(1))
+    with pytest.raises(ValueError, match="7 finite coefficients"):
+        rule_from_state({**state, "coef": state["coef"][:6]})
+    with pytest.raises(RuntimeError, match="fit it before"):
+        create_rule("logistic").state()
+    with pytest.raises(KeyError, match="valid names"):
+        rule_from_state({"rule": "median"})
 
 
 def test_compare_rules_uses_the_per_study_metric():

@@ -362,10 +362,15 @@ def predict_vertebrae(model: nn.Module, rows: pd.DataFrame, cfg: CspineConfig,
 
 
 def load_vertebra_classifier(model_dir: PathLike, cfg: CspineConfig) -> nn.Module:
-    """The best epoch's model of a `train_vertebra_classifier` folder, in eval mode on the config's device."""
+    """The best epoch's model of a `train_vertebra_classifier` folder (or a checkpoint file: a Kaggle bundle's
+    flattened copy), in eval mode on the config's device."""
     device = resolve_device(cfg.device)
+    path = Path(model_dir)
+    path = path if path.is_file() else path / "best.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"vertebra classifier checkpoint not found: {path}")
     model = build_model(cfg)
-    model.load_state_dict(torch.load(Path(model_dir) / "best.pth", map_location=device, weights_only=True)["model"])
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
     return model.to(device).eval()
 
 

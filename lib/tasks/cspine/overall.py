@@ -1,8 +1,9 @@
 """patient_overall from the seven vertebra probabilities, by registry name (`OVERALL_RULES`), and their comparison
 under the competition's per-study metric.
 
-Rules (each a class with `fit(probs (N, 7), y (N,)) -> self` and `predict(probs (N, 7)) -> (N,) float64`; probs are
-P(fracture) of C1..C7 in that column order, or a DataFrame holding those columns):
+Rules (each a class with `fit(probs (N, 7), y (N,)) -> self`, `predict(probs (N, 7)) -> (N,) float64` and `state()`,
+a JSON-able dict `rule_from_state` turns back into the fitted rule; probs are P(fracture) of C1..C7 in that column
+order, or a DataFrame holding those columns):
   max       the largest vertebra probability (the 4th place; needs no fit);
   noisy_or  1 - prod_k (1 - p_k): the vertebrae as independent causes (needs no fit);
   logistic  sklearn LogisticRegression on the logits of the probabilities sorted in decreasing order, fitted on
@@ -56,6 +57,9 @@ class MaxRule(_FitFree):
     def predict(self, probs: Probs) -> np.ndarray:
         return as_matrix(probs).max(1)
 
+    def state(self) -> Dict[str, Any]:
+        return {"rule": "max"}
+
 
 @OVERALL_RULES.register("noisy_or")
 class NoisyOrRule(_FitFree):
@@ -63,6 +67,9 @@ class NoisyOrRule(_FitFree):
 
     def predict(self, probs: Probs) -> np.ndarray:
         return 1.0 - np.prod(1.0 - as_matrix(probs), axis=1)
+
+    def state(self) -> Dict[str, Any]:
+        return {"rule": "noisy_or"}
 
 
 @OVERALL_RULES.register("logistic")
@@ -74,7 +81,8 @@ class LogisticRule:
 
     def __init__(self, C: float = 1.0, clip: float = 8.0) -> None:
         self.C, self.clip = float(C), float(clip)
-        self.model: Any = None
+        self.coef: Optional[np.ndarray] = None
+        self.intercept = 0.0
 
     def _features(self, probs: Probs) -> np.ndarray:
         p = np.clip(-np.sort(-as_matrix(probs), axis=1), 1e-6, 1 - 1e-6)
@@ -87,19 +95,43 @@ class LogisticRule:
         if len(np.unique(y)) < 2:
             raise ValueError(f"logistic rule: y_overall needs both classes, got only {np.unique(y).tolist()}")
         weights = {0: CSPINE_NEG_WEIGHTS[OVERALL], 1: CSPINE_POS_WEIGHTS[OVERALL]}
-        self.model = LogisticRegression(C=self.C, class_weight=weights, max_iter=1000)
-        self.model.fit(self._features(probs), y)
+        model = LogisticRegression(C=self.C, class_weight=weights, max_iter=1000).fit(self._features(probs), y)
+        self.coef, self.intercept = model.coef_[0].astype(np.float64), float(model.intercept_[0])
         return self
 
     def predict(self, probs: Probs) -> np.ndarray:
-        if self.model is None:
+        """sigmoid(features @ coef + intercept): sklearn's predict_proba[:, 1] of a binary model, from the stored
+        coefficients (so a rule loaded from `state` predicts exactly as the fitted one)."""
+        if self.coef is None:
             raise RuntimeError("logistic rule: call fit(oof_vertebra_probs, y_overall) before predict")
-        return self.model.predict_proba(self._features(probs))[:, 1]
+        from scipy.special import expit
+
+        return expit(self._features(probs) @ self.coef + self.intercept)
+
+    def state(self) -> Dict[str, Any]:
+        """JSON-able parameters of the fitted rule (`rule_from_state` rebuilds it: the Kaggle bundle stores it)."""
+        if self.coef is None:
+            raise RuntimeError("logistic rule: fit it before saving its state")
+        return {"rule": "logistic", "C": self.C, "clip": self.clip, "coef": self.coef.tolist(),
+                "intercept": self.intercept}
 
 
 def create_rule(name: str, **kwargs: Any) -> Any:
     """A new (unfitted) rule registered as `name`."""
     return OVERALL_RULES.get(name)(**kwargs)
+
+
+def rule_from_state(state: Dict[str, Any]) -> Any:
+    """A fitted rule from its `state()` (a fit-free rule from its name); ValueError for a malformed state."""
+    name = state.get("rule")
+    rule = create_rule(name, **{k: state[k] for k in ("C", "clip") if k in state})
+    if rule.needs_fit:
+        coef = np.asarray(state.get("coef", []), np.float64)
+        if coef.shape != (len(VERTEBRAE),) or not np.isfinite(coef).all() or "intercept" not in state:
+            raise ValueError(f"rule {name!r}: state needs {len(VERTEBRAE)} finite coefficients and an intercept, "
+                             f"got {state}")
+        rule.coef, rule.intercept = coef, float(state["intercept"])
+    return rule
 
 
 def with_overall(vert: pd.DataFrame, rule: Any) -> pd.DataFrame:

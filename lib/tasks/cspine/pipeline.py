@@ -8,12 +8,13 @@ Run folder (beside the shared RunPaths files):
   masks/<study>.npy          predicted C1..C7 labels on the cache grid; masks/meta.json (model identity)
   crops/<split>/crops.csv    lib.tasks.cspine.crops tables (train: visibility-rule labels)
   predictions/oof_<name>.csv, test_<name>.csv   StudyInstanceUID + C1..C7 (fold models; test = mean over folds)
+  models/ensemble.json       blend weights, the fitted patient_overall rule, the prior (the Kaggle bundle reads it)
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -26,6 +27,9 @@ from lib.progress import progress_bar
 from lib.tasks.cspine.data import CspineData, write_submission
 from lib.tasks.cspine.metric import (CSPINE_GROUP, CSPINE_LABELS, CSPINE_NEG_WEIGHTS, CSPINE_POS_WEIGHTS,
                                      cspine_prior_baseline, cspine_score)
+
+if TYPE_CHECKING:
+    from lib.imaging.windowing import Window
 
 VERTEBRAE = CSPINE_LABELS[:7]
 OVERALL = CSPINE_LABELS[7]
@@ -173,10 +177,11 @@ def expected_vertebra_volumes(rp: RunPaths) -> Dict[str, float]:
 
 
 def make_crops(rp: RunPaths, data: CspineData, split: str, n_slices: int, size: int, margin: float,
-               window: str = "bone", threshold: float = 0.3, expected: Optional[Dict[str, float]] = None,
+               window: Union[str, "Window"] = "bone", threshold: float = 0.3, expected: Optional[Dict[str, float]] = None,
                progress: bool = True) -> pd.DataFrame:
-    """Per-vertebra crops of every cached study of `split` into RUN/crops/<split>/ (lib.tasks.cspine.crops);
-    training crops carry the visibility-rule labels of train.csv. Resumable. Records `crops_<split>`."""
+    """Per-vertebra crops of every cached study of `split` into RUN/crops/<split>/ (lib.tasks.cspine.crops;
+    `window` a WINDOWS name or a Window); training crops carry the visibility-rule labels of train.csv. Resumable.
+    Records `crops_<split>`."""
     from lib.imaging.windowing import WINDOWS
     from lib.tasks.cspine.crops import build_crops
 
@@ -188,7 +193,8 @@ def make_crops(rp: RunPaths, data: CspineData, split: str, n_slices: int, size: 
     load = native_loader(rp, data)
     # build_crops is resumable per study; the bar wraps its study loop
     table = build_crops(progress_bar(ids, desc=f"crops {split}", unit="study", disable=not progress), load, out,
-                        expected, labels, n_slices=n_slices, size=size, margin=margin, window=WINDOWS[window],
+                        expected, labels, n_slices=n_slices, size=size, margin=margin,
+                        window=WINDOWS[window] if isinstance(window, str) else window,
                         threshold=threshold)
     rp.record(f"crops_{split}", out / "crops.csv")
     return table
@@ -207,11 +213,10 @@ def classifier_cv(rp: RunPaths, name: str, cfg, crops: pd.DataFrame, test_crops:
                   folds: pd.Series) -> Dict[str, object]:
     """Train one fold model per fold (`train_vertebra_classifier`, validated on the competition truth of its
     held-out studies), write predictions/oof_<name>.csv (C1..C7 out of fold) and test_<name>.csv (mean of the fold
-    models). Returns {"oof", "test", "fold_scores"}."""
-    from lib.tasks.cspine.classify import load_vertebra_classifier, predict_vertebrae, train_vertebra_classifier
+    models, `fold_mean_test`). Returns {"oof", "test", "fold_scores"}."""
+    from lib.tasks.cspine.classify import train_vertebra_classifier
 
-    oofs, tests, scores = [], [], {}
-    test_ids = list(dict.fromkeys(test_crops[CSPINE_GROUP]))
+    oofs, dirs, scores = [], [], {}
     for k in sorted(folds.unique()):
         valid_ids = set(folds.index[folds == k])
         tr = crops[~crops[CSPINE_GROUP].isin(valid_ids)].reset_index(drop=True)
@@ -220,15 +225,26 @@ def classifier_cv(rp: RunPaths, name: str, cfg, crops: pd.DataFrame, test_crops:
         res = train_vertebra_classifier(rp.root, f"{name}_fold{k}", tr, va, cfg, truth=truth)
         scores[int(k)] = res["valid_score"]
         oofs.append(res["oof"])
-        if test_ids:
-            model = load_vertebra_classifier(res["model_dir"], cfg)
-            tests.append(predict_vertebrae(model, test_crops, cfg).set_index(CSPINE_GROUP))
+        dirs.append(res["model_dir"])
     oof = pd.concat(oofs, ignore_index=True)
-    test = (sum(tests) / len(tests)).reset_index() if tests else pd.DataFrame(columns=[CSPINE_GROUP, *VERTEBRAE])
+    test = fold_mean_test(dirs, test_crops, cfg)
     (rp.root / "predictions").mkdir(parents=True, exist_ok=True)
     for kind, frame in (("oof", oof), ("test", test)):
         atomic_write(_prediction_path(rp, kind, name), lambda tmp, f=frame: f.to_csv(tmp, index=False))
     return {"oof": oof, "test": test, "fold_scores": scores}
+
+
+def fold_mean_test(models: Sequence, test_crops: pd.DataFrame, cfg) -> pd.DataFrame:
+    """StudyInstanceUID + C1..C7: the mean over the fold models (folders or checkpoint files) of their predictions
+    on the test crops, in the crops' study order (empty without test crops). The run and its Kaggle kernel both
+    predict the test set with this."""
+    from lib.tasks.cspine.classify import load_vertebra_classifier, predict_vertebrae
+
+    if not len(test_crops) or not len(models):
+        return pd.DataFrame(columns=[CSPINE_GROUP, *VERTEBRAE])
+    preds = [predict_vertebrae(load_vertebra_classifier(m, cfg), test_crops, cfg).set_index(CSPINE_GROUP)
+             for m in models]
+    return (sum(preds) / len(preds)).reset_index()
 
 
 def per_label_losses(truth: pd.DataFrame, pred: pd.DataFrame) -> Dict[str, float]:
@@ -282,16 +298,23 @@ def oof_with_rule(oof: pd.DataFrame, rule: str, truth: pd.DataFrame, seed: int =
     return merged[[CSPINE_GROUP, *VERTEBRAE]].assign(**{OVERALL: overall})
 
 
-def with_rule(vert: pd.DataFrame, rule: str, oof: pd.DataFrame, truth: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """`vert` + patient_overall by `rule`; a fitted rule is fitted on all of (oof, truth): the test-time
-    prediction (OOF rows themselves are scored by `oof_with_rule`)."""
-    from lib.tasks.cspine.overall import create_rule, with_overall
+def fit_rule(rule: str, oof: pd.DataFrame, truth: pd.DataFrame):
+    """The `rule` to apply at test time: a fitted rule is fitted on all of (oof, truth); a fit-free one as is."""
+    from lib.tasks.cspine.overall import create_rule
 
     r = create_rule(rule)
     if r.needs_fit:
         merged = oof.merge(truth[[CSPINE_GROUP, OVERALL]], on=CSPINE_GROUP)
         r.fit(merged[list(VERTEBRAE)], merged[OVERALL].to_numpy())
-    return with_overall(vert, r)
+    return r
+
+
+def with_rule(vert: pd.DataFrame, rule: str, oof: pd.DataFrame, truth: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """`vert` + patient_overall by `rule` (`fit_rule`: the test-time prediction; OOF rows themselves are scored by
+    `oof_with_rule`)."""
+    from lib.tasks.cspine.overall import with_overall
+
+    return with_overall(vert, fit_rule(rule, oof, truth))
 
 
 # ---------------------------------------------------------------- blend and submission
@@ -329,6 +352,45 @@ def blend(frames: Dict[str, pd.DataFrame], weights: Dict[str, float]) -> pd.Data
     p = sum(w * frames[n].set_index(CSPINE_GROUP).loc[studies, list(VERTEBRAE)].to_numpy()
             for n, w in weights.items())
     return pd.DataFrame(p, columns=list(VERTEBRAE)).assign(**{CSPINE_GROUP: studies})[[CSPINE_GROUP, *VERTEBRAE]]
+
+
+def ensemble_path(rp: RunPaths) -> Path:
+    return rp.root / "models" / "ensemble.json"
+
+
+def save_ensemble(rp: RunPaths, weights: Dict[str, float], method: str, rule, prior: Dict[str, float]) -> Path:
+    """RUN/models/ensemble.json: what the test predictions went through (blend weights, the fitted
+    patient_overall rule's state, the prior of a study without a prediction); the Kaggle bundle reads it."""
+    record = {"weights": {k: float(v) for k, v in weights.items()}, "method": method, "rule": rule.state(),
+              "prior": {c: float(prior[c]) for c in CSPINE_LABELS}}
+    path = ensemble_path(rp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    rp.record("ensemble", path)
+    return path
+
+
+def read_ensemble(path: Path) -> Dict[str, object]:
+    """An ensemble record (`save_ensemble`); ValueError naming what a malformed one lacks."""
+    record = json.loads(Path(path).read_text())
+    missing = [k for k in ("weights", "method", "rule", "prior") if k not in record]
+    if missing or set(record.get("prior", {})) != set(CSPINE_LABELS) or not any(
+            w > 0 for w in record.get("weights", {}).values()):
+        raise ValueError(f"{path}: not an ensemble record (needs weights with one > 0, method, rule, and a prior of "
+                         f"{list(CSPINE_LABELS)}; lacks {missing})")
+    return record
+
+
+def apply_ensemble(tests: Dict[str, pd.DataFrame], record: Dict[str, object]) -> pd.DataFrame:
+    """Wide test predictions (8 labels) from each model's fold-mean vertebra predictions and an ensemble record
+    (`save_ensemble`): the weighted blend, then patient_overall by the recorded (fitted) rule."""
+    from lib.tasks.cspine.overall import rule_from_state, with_overall
+
+    weights = {n: w for n, w in record["weights"].items() if w > 0}
+    missing = sorted(set(weights) - set(tests))
+    if missing:
+        raise KeyError(f"the ensemble blends {sorted(weights)}; no test predictions for {missing}")
+    return with_overall(blend({n: tests[n] for n in weights}, weights), rule_from_state(record["rule"]))
 
 
 def write_cspine_submission(rp: RunPaths, data: CspineData, test: pd.DataFrame, prior: Dict[str, float]
