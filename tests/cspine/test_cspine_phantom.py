@@ -140,3 +140,19 @@ def test_cli(tmp_path, capsys):
     assert "cspine phantom:" in capsys.readouterr().out
     with pytest.raises(ValueError, match="studies"):
         generate(tmp_path / "x", studies=1)
+
+
+def test_fracture_width_thickens_the_break_only():
+    """--fracture-width scales the fracture planes (the demo's experiment knob); labels and anatomy stay the same."""
+    thin, thick = plan_dataset(seed=2, studies=12, size=64), plan_dataset(seed=2, studies=12, size=64,
+                                                                          fracture_width=3)
+    fractured = [i for i, p in enumerate(thin) if p.fractures]
+    assert fractured and [p.fractured for p in thin] == [p.fractured for p in thick]
+    for i in fractured:
+        for name, f in thin[i].fractures.items():
+            assert thick[i].fractures[name]["half_width"] == pytest.approx(3 * f["half_width"])
+    broken = [sum(int(render_slice(ps[i], k)[2].sum()) for i in fractured for k in range(ps[i].n_slices))
+              for ps in (thin, thick)]
+    assert 0 < broken[0] < broken[1]
+    with pytest.raises(ValueError, match="fracture_width"):
+        generate("/nonexistent", fracture_width=0.1)

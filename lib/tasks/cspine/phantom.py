@@ -122,8 +122,9 @@ def _sample_labels(rng: np.random.Generator, fractured: bool) -> Dict[str, int]:
     return labels
 
 
-def _fracture(plan: StudyPlan, name: str, rng: np.random.Generator) -> dict:
-    """A fracture plane through the vertebra's main bone at a random height and tilt; 'line' or 'cortical'."""
+def _fracture(plan: StudyPlan, name: str, rng: np.random.Generator, width: float = 1.0) -> dict:
+    """A fracture plane through the vertebra's main bone at a random height and tilt; 'line' or 'cortical'; about
+    one voxel thick times `width`."""
     top, bottom = plan.levels()[NAMES.index(name)]
     d = top + rng.uniform(0.3, 0.7) * (bottom - top)
     cx, cy = _canal(plan, d)
@@ -134,12 +135,13 @@ def _fracture(plan: StudyPlan, name: str, rng: np.random.Generator) -> dict:
     normal = rng.normal(size=3)
     normal[2] *= 2.0  # mostly sloping across the slices
     return {"point": [float(v) for v in point], "normal": [float(v) for v in normal / np.linalg.norm(normal)],
-            "half_width": 0.55 * max(plan.pixel_spacing, plan.dz), "kind": str(rng.choice(["line", "cortical"]))}
+            "half_width": 0.55 * width * max(plan.pixel_spacing, plan.dz), "kind": str(rng.choice(["line", "cortical"]))}
 
 
 def plan_dataset(seed: int = 0, studies: int = 12, size: int = 128, slices: Tuple[int, int] = (40, 64),
-                 test_studies: int = 3) -> List[StudyPlan]:
-    """Plan every study (labels, geometry, quirks) without rendering; cheap, so prevalences can be checked at scale."""
+                 test_studies: int = 3, fracture_width: float = 1.0) -> List[StudyPlan]:
+    """Plan every study (labels, geometry, quirks) without rendering; cheap, so prevalences can be checked at scale.
+    `fracture_width` scales the fracture planes' thickness (1: about one voxel, a hairline break at any size)."""
     rng = np.random.default_rng(seed)
     n_test = min(test_studies, studies - 1)
     numbers = rng.choice(64000, size=studies, replace=False) + 1000
@@ -172,7 +174,7 @@ def plan_dataset(seed: int = 0, studies: int = 12, size: int = 128, slices: Tupl
         half = size * ps / 2
         plan.origin = (float(np.round(-half + r.uniform(-5, 5), 3)), float(np.round(-half + r.uniform(-5, 5), 3)),
                        float(np.round(r.uniform(1700, 2000), 3)))
-        plan.fractures = {n: _fracture(plan, n, r) for n in CERVICAL if plan.fractured[n]}
+        plan.fractures = {n: _fracture(plan, n, r, fracture_width) for n in CERVICAL if plan.fractured[n]}
         plans.append(plan)
     _assign_subsets(rng, [p for p in plans if p.split == "train"])
     return plans
@@ -424,15 +426,17 @@ def _write_tables(out: Path, plans: List[StudyPlan], boxes: List[dict], ghost: s
 
 
 def generate(out: PathLike, studies: int = 12, seed: int = 0, size: int = 128, slices: Tuple[int, int] = (40, 64),
-             test_studies: int = 3, progress: bool = True) -> Dict[str, object]:
+             test_studies: int = 3, progress: bool = True, fracture_width: float = 1.0) -> Dict[str, object]:
     """Write the data set under `out` (layout in the module docstring); returns a summary dict (also phantom.json)."""
+    if not 0.5 <= fracture_width <= 8:
+        raise ValueError(f"fracture_width must be in [0.5, 8] (x about one voxel), got {fracture_width}")
     if studies < 2 or size < 32 or not 8 <= slices[0] <= slices[1] or test_studies < 1:
         raise ValueError(f"need studies >= 2, size >= 32, 8 <= slices[0] <= slices[1], test_studies >= 1; got "
                          f"studies={studies}, size={size}, slices={tuple(slices)}, test_studies={test_studies}")
     t0 = time.perf_counter()
     out = Path(out)
     _prepare_out(out)
-    plans = plan_dataset(seed, studies, size, (int(slices[0]), int(slices[1])), test_studies)
+    plans = plan_dataset(seed, studies, size, (int(slices[0]), int(slices[1])), test_studies, fracture_width)
     used = {p.uid for p in plans}
     ghost = next(f"{UID_ROOT}.{n}" for n in range(999, 0, -1) if f"{UID_ROOT}.{n}" not in used)
     boxes: List[dict] = []
@@ -441,7 +445,7 @@ def generate(out: PathLike, studies: int = 12, seed: int = 0, size: int = 128, s
     _write_tables(out, plans, boxes, ghost)
     train = label_table([p for p in plans if p.split == "train"])
     summary = {"version": VERSION, "params": {"studies": studies, "seed": seed, "size": size, "slices": list(slices),
-                                              "test_studies": test_studies},
+                                              "test_studies": test_studies, "fracture_width": fracture_width},
                "train_studies": len(train), "test_studies": studies - len(train),
                "images": sum(p.n_slices for p in plans), "segmentations": sum(p.seg for p in plans),
                "box_studies": len({b["StudyInstanceUID"] for b in boxes}), "box_rows": len(boxes),
@@ -462,9 +466,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     ap.add_argument("--size", type=int, default=128, help="matrix (rows = cols); the real data are 512")
     ap.add_argument("--slices", type=int, nargs=2, default=(40, 64), metavar=("MIN", "MAX"))
     ap.add_argument("--test-studies", type=int, default=3, help="studies in test_images")
+    ap.add_argument("--fracture-width", type=float, default=1.0,
+                    help="fracture thickness in about-one-voxel units (1: a hairline break)")
     a = ap.parse_args(argv)
     s = generate(a.out, studies=a.studies, seed=a.seed, size=a.size, slices=tuple(a.slices),
-                 test_studies=a.test_studies)
+                 test_studies=a.test_studies, fracture_width=a.fracture_width)
     pos = " ".join(f"{k}={v}" for k, v in s["train_positives"].items())
     print(f"cspine phantom: {s['images']} images ({s['train_studies']} train / {s['test_studies']} test studies, "
           f"{s['segmentations']} masks, {s['box_rows']} box rows) in {s['seconds']:.1f}s -> {s['out']}; "
