@@ -141,5 +141,10 @@ def test_oof_table_scores_fitted_rules_out_of_fold_in_every_column():
             pipeline.per_label_losses(truth, pred)["patient_overall"], abs=1e-12)
     full = pipeline.with_rule(oof, "logistic", oof, truth)
     assert pipeline.per_label_losses(truth, full)["patient_overall"] < table.loc["logistic", "patient_overall"]
+    # the cross-fitting folds follow the studies, not the row order: a shuffled (or blended, sorted) OOF scores
+    # the same (before, the demo's logistic row moved by 0.03 between the two orders of one prediction set)
+    shuffled = oof.sample(frac=1.0, random_state=3)
+    again = pipeline.oof_table({"m": shuffled}, truth, seed=0).set_index("rule")
+    assert again.loc["logistic", "score"] == pytest.approx(table.loc["logistic", "score"], abs=1e-12)
     assert table.loc["-", "score"] == pytest.approx(pipeline.prior_score(
         truth, {c: float(truth[c].mean()) for c in CSPINE_LABELS}, studies))

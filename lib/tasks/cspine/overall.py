@@ -160,9 +160,11 @@ def compare_rules(oof: pd.DataFrame, truth: pd.DataFrame, rules: Optional[list] 
 
     oof: StudyInstanceUID + C1..C7 out-of-fold probabilities; truth: train.csv rows of the same studies. Rules that
     need a fit are cross-fitted (`cv` stratified folds over the studies), so no study is scored by a rule fitted on
-    it. Returns one row per rule: rule, score (lower is better), overall_logloss (the overall row alone, unweighted).
+    it; the folds depend on the studies, not on the row order (a blend that reorders rows scores the same). Returns
+    one row per rule: rule, score (lower is better), overall_logloss (the overall row alone, unweighted).
     """
-    merged = oof[[CSPINE_GROUP, *VERTEBRAE]].merge(truth[[CSPINE_GROUP, OVERALL]], on=CSPINE_GROUP, how="inner")
+    merged = (oof[[CSPINE_GROUP, *VERTEBRAE]].merge(truth[[CSPINE_GROUP, OVERALL]], on=CSPINE_GROUP, how="inner")
+              .sort_values(CSPINE_GROUP, kind="stable").reset_index(drop=True))  # folds independent of row order
     if len(merged) != len(oof):
         raise KeyError(f"{len(oof) - len(merged)} oof studies have no truth row")
     probs, y = as_matrix(merged), merged[OVERALL].to_numpy(np.int64)

@@ -293,7 +293,8 @@ def oof_with_rule(oof: pd.DataFrame, rule: str, truth: pd.DataFrame, seed: int =
     r = create_rule(rule)
     if not r.needs_fit:
         return with_overall(oof, r)
-    merged = oof[[CSPINE_GROUP, *VERTEBRAE]].merge(truth[[CSPINE_GROUP, OVERALL]], on=CSPINE_GROUP)
+    merged = (oof[[CSPINE_GROUP, *VERTEBRAE]].merge(truth[[CSPINE_GROUP, OVERALL]], on=CSPINE_GROUP)
+              .sort_values(CSPINE_GROUP, kind="stable").reset_index(drop=True))  # the folds of `compare_rules`
     overall = cross_fitted(rule, as_matrix(merged), merged[OVERALL].to_numpy(np.int64), cv, seed)
     return merged[[CSPINE_GROUP, *VERTEBRAE]].assign(**{OVERALL: overall})
 
