@@ -481,6 +481,24 @@ def test_requirements_report(tmp_path):
     assert rep.loc["timm", "installed"] is not None
 
 
+def assert_kernel_source(notebook: Path) -> None:
+    """A task's inference notebook can be a kernel: it declares the kernel parameters, has no outputs, one
+    parameters cell, and ICH's bootstrap cell (the one sys.path edit) word for word."""
+    from lib.run.runner import notebook_parameters
+
+    declared = notebook_parameters(notebook)
+    assert set(kg.kernel_parameters("c", "w", "h")) <= set(declared)
+    nb = nbformat.read(notebook, as_version=4)
+    assert all(not c.get("outputs") and c.get("id") for c in nb.cells if c.cell_type == "code")
+    assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
+    edits = [line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
+             if "sys.path." in line or "sys.path =" in line or "sys.path[" in line]
+    assert edits == ["    sys.path.insert(0, str(attached(code_dataset)))"]  # the kernel bootstrap
+    ich = nbformat.read(kg.NOTEBOOK, as_version=4)
+    boot = [c.source for c in ich.cells if "def attached" in c.source]
+    assert boot and boot == [c.source for c in nb.cells if "def attached" in c.source]  # the same bootstrap
+
+
 def test_inference_notebook_declares_the_kernel_parameters():
     from lib.run.runner import notebook_parameters
 

@@ -32,16 +32,31 @@ class BundleError(ValueError):
 
 
 # ---------------------------------------------------------------- collecting a run's weights
-def _json(path: Path) -> Dict[str, Any]:
+def read_json(path: Path) -> Dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _stage_params(run_manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+def stage_params(run_manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Resolved parameters of each stage (first job of a stage; data_dir / run_dir dropped)."""
     out: Dict[str, Dict[str, Any]] = {}
     for job in run_manifest.get("stages", []):
         out.setdefault(job["stage"], {k: v for k, v in job["params"].items() if k not in ("data_dir", "run_dir")})
     return out
+
+
+def lookup_artefact(rp: RunPaths, name: str, stage: str) -> Path:
+    """A recorded run artefact; BundleError naming the stage that makes it when the run has none."""
+    try:
+        return rp.lookup(name)
+    except FileNotFoundError:
+        raise BundleError(f"{rp.root}: no {name!r} artefact recorded: run the {stage} stage first") from None
+
+
+def check_task(bundle: "Bundle", task: str) -> "Bundle":
+    """BundleError unless `bundle` holds weights of `task` (ICH manifests carry no `task`)."""
+    if bundle.manifest.get("task") != task:
+        raise BundleError(f"bundle {bundle.source} holds {bundle.manifest.get('task', 'ich')!r} weights, not {task}")
+    return bundle
 
 
 def _embed_record(rp: RunPaths, k: int) -> Dict[str, Any]:
@@ -83,7 +98,7 @@ def _seq_entry(rp: RunPaths, strategy: str, ks: List[int]) -> Tuple[Dict[str, An
         raise BundleError(f"sequence strategy {strategy!r} has no test-time rule; known: {STRATEGIES.names()}")
     rule = STRATEGIES.get(strategy).test
     root = rp.root / "models" / f"seq_{strategy}"
-    log = _json(root / "train_log.json")
+    log = read_json(root / "train_log.json")
     if not log:
         raise BundleError(f"{root / 'train_log.json'} is missing: run the sequence stage with strategy {strategy!r}")
     if log["config"].get("emb_suffix"):
@@ -126,10 +141,10 @@ def _blend_entry(metrics: Dict[str, Any]) -> Dict[str, Any]:
 def collect_weights(run_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Path]]:
     """(manifest, {file name in the bundle: source path}) of everything test-time inference needs from a run."""
     rp = RunPaths.at(run_dir)
-    run_manifest = _json(rp.root / "manifest.json")
-    params = _stage_params(run_manifest)
+    run_manifest = read_json(rp.root / "manifest.json")
+    params = stage_params(run_manifest)
     ks = sorted(int(k) for k in read_folds(rp.lookup("folds"))["fold"].unique())
-    pre = {k: v for k, v in _json(rp.lookup("cache") / "meta.json").items() if k in ("policy", "img_size", "crop",
+    pre = {k: v for k, v in read_json(rp.lookup("cache") / "meta.json").items() if k in ("policy", "img_size", "crop",
                                                                                       "fmt")}
     if len(pre) != 4:
         raise BundleError(f"{rp.lookup('cache') / 'meta.json'} lacks the cache parameters (policy, img_size, ...)")
@@ -170,7 +185,7 @@ class Bundle:
     def from_folder(cls, folder: PathLike, task: Optional[str] = None) -> "Bundle":
         """A packaged weights folder; `task` given: it must be that task's (manifests without `task` are ich's)."""
         folder = Path(folder)
-        manifest = _json(folder / "manifest.json")
+        manifest = read_json(folder / "manifest.json")
         if manifest.get("kind") != "weights" or manifest.get("format") != FORMAT:
             raise BundleError(f"{folder} is not a weights package of format {FORMAT} (lib.kaggle package-weights)")
         if task and manifest.get("task", "ich") != task:

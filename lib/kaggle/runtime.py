@@ -2,12 +2,14 @@
 and whether the installed packages meet requirements.txt. Task-agnostic: packages and paths come as arguments."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from lib.paths import PathLike, RunPaths, kaggle_working_dir, on_kaggle
+from lib.paths import PathLike, RunPaths, atomic_write_text, kaggle_working_dir, on_kaggle
 
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"  # beside lib/: also in the code dataset
 
@@ -51,3 +53,20 @@ def requirements_report(packages: Sequence[str], requirements: Optional[PathLike
         rows.append({"package": req.name, "required": str(req.specifier) or "any", "installed": have,
                      "ok": have is not None and req.specifier.contains(have, prereleases=True)})
     return pd.DataFrame(rows, columns=["package", "required", "installed", "ok"]).set_index("package")
+
+
+def cleanup(rp: RunPaths, folders: Sequence[str]) -> None:
+    """Delete the named folders of the inference directory (test caches: a kernel's working directory is its saved
+    output)."""
+    for folder in folders:
+        shutil.rmtree(rp.root / folder, ignore_errors=True)
+
+
+def write_summary(rp: RunPaths, bundle: Any, values: Dict[str, Any]) -> Dict[str, Any]:
+    """inference/inference.json (+ its numbers in inference/metrics.json): `values` (timings, counts) and where the
+    code and the weights (a `lib.kaggle.bundle.Bundle`: its source, run and commit) came from."""
+    info = {"inference_bundle": bundle.source, "inference_code": str(Path(__file__).resolve().parents[1]),
+            "inference_run": bundle.manifest.get("run"), "inference_weights_commit": bundle.manifest.get("git_commit"),
+            **values}
+    atomic_write_text(rp.root / "inference.json", json.dumps(info, indent=2, default=str))
+    return rp.update_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})

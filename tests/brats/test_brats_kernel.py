@@ -21,7 +21,8 @@ from lib.tasks.brats import infer, pipeline
 from lib.tasks.brats.data import COMPETITION, BratsData
 from lib.tasks.brats.phantom import generate
 from lib.tasks.brats.preprocess import cache_key
-from test_kaggle import kaggle_api, kaggle_env, make_wheel, offline_api  # noqa: F401  (kaggle_api is a fixture)
+from test_kaggle import (assert_kernel_source, kaggle_api, kaggle_env, make_wheel,  # noqa: F401  (a fixture)
+                         offline_api)
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "brats" / "07_inference.ipynb"
@@ -237,19 +238,7 @@ def test_unreadable_test_patient_gets_the_prior(tmp_path, monkeypatch):
 
 
 def test_inference_notebook_is_a_kernel_source():
-    from lib.run.runner import notebook_parameters
-
-    declared = notebook_parameters(NOTEBOOK)
-    assert set(kg.kernel_parameters("c", "w", "h")) <= set(declared)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not c.get("outputs") and c.get("id") for c in nb.cells if c.cell_type == "code")
-    assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
-    edits = [line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
-             if "sys.path." in line or "sys.path =" in line or "sys.path[" in line]
-    assert edits == ["    sys.path.insert(0, str(attached(code_dataset)))"]  # the kernel bootstrap
-    ich = nbformat.read(kg.NOTEBOOK, as_version=4)
-    boot = [c.source for c in ich.cells if "def attached" in c.source]
-    assert boot and boot == [c.source for c in nb.cells if "def attached" in c.source]  # the same bootstrap
+    assert_kernel_source(NOTEBOOK)
 
 
 # ---------------------------------------------------------------- the proof: an offline kernel on a simulated Kaggle

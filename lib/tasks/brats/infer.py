@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,11 +24,12 @@ import pandas as pd
 import torch
 
 from lib.kaggle import runtime
-from lib.kaggle.bundle import FORMAT, Bundle, BundleError
+from lib.kaggle.bundle import (FORMAT, Bundle, BundleError, check_task, lookup_artefact, read_json,
+                              stage_params)
 from lib.kaggle.runtime import output_paths, resolve_run_dir, submission_paths  # noqa: F401  (the kernel's names)
 from lib.io.mr_series import SEQUENCES
 from lib.models.slice_sequence import CLASSIFIERS
-from lib.paths import PathLike, RunPaths, atomic_write_text
+from lib.paths import PathLike, RunPaths
 from lib.tasks.brats import pipeline
 from lib.tasks.brats.classify import ClsConfig
 from lib.tasks.brats.data import LABEL, BratsData, read_ids_table, write_submission
@@ -47,24 +47,6 @@ INFERENCE_PACKAGES = ("torch", "torchvision", "timm", "fastai", "segmentation-mo
 
 
 # ---------------------------------------------------------------- collecting a run's weights
-def _json(path: Path) -> Dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _lookup(rp: RunPaths, name: str, stage: str) -> Path:
-    try:
-        return rp.lookup(name)
-    except FileNotFoundError:
-        raise BundleError(f"{rp.root}: no {name!r} artefact recorded: run the {stage} stage first") from None
-
-
-def _stage_params(run_manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    out: Dict[str, Dict[str, Any]] = {}
-    for job in run_manifest.get("stages", []):
-        out.setdefault(job["stage"], {k: v for k, v in job["params"].items() if k not in ("data_dir", "run_dir")})
-    return out
-
-
 def _folds(rp: RunPaths) -> List[int]:
     if not rp.folds.is_file():
         raise BundleError(f"{rp.folds} is missing: run the train_cls stage first")
@@ -72,8 +54,8 @@ def _folds(rp: RunPaths) -> List[int]:
 
 
 def _preprocess_entry(rp: RunPaths) -> Dict[str, Any]:
-    series_dir = _lookup(rp, "series_cache", "preprocess")
-    meta = _json(series_dir / "meta.json")
+    series_dir = lookup_artefact(rp, "series_cache", "preprocess")
+    meta = read_json(series_dir / "meta.json")
     if not {"size", "normaliser"} <= set(meta):
         raise BundleError(f"{series_dir / 'meta.json'} lacks the series-cache parameters (size, normaliser)")
     if series_dir.name != cache_key(meta["size"], meta["normaliser"]):
@@ -82,13 +64,13 @@ def _preprocess_entry(rp: RunPaths) -> Dict[str, Any]:
 
 
 def _seg_entry(rp: RunPaths) -> Tuple[Dict[str, Any], Path]:
-    path = _lookup(rp, "seg_model", "train_seg")
+    path = lookup_artefact(rp, "seg_model", "train_seg")
     if not path.is_file():
         raise BundleError(f"segmentation model {path} named by {rp.root / 'artefacts.json'} is missing")
     cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("cfg", {})
     if not {"arch", "encoder"} <= set(cfg):
         raise BundleError(f"{path} is not a lib.train.seg checkpoint (its cfg lacks arch / encoder)")
-    stacks = _json(rp.root / "stacks" / "train" / "meta.json")
+    stacks = read_json(rp.root / "stacks" / "train" / "meta.json")
     if not set(MASK_KEYS) <= set(stacks):
         raise BundleError(f"{rp.root / 'stacks' / 'train' / 'meta.json'} is missing or lacks {list(MASK_KEYS)}: "
                           "run the predict_masks stage first")
@@ -122,7 +104,7 @@ def _classifier_entry(rp: RunPaths, name: str, model: str, mri: str, ks: List[in
 
 def _mask_ratio_entry(rp: RunPaths, name: str, mri: str, ks: List[int]) -> Tuple[Dict[str, Any], Path]:
     path = pipeline.mask_ratio_model_path(rp, mri)
-    folds = _json(path).get("folds")
+    folds = read_json(path).get("folds")
     if not folds:
         raise BundleError(f"blend input {name!r}: {path} is missing (runs before the regressions were saved: rerun "
                           "train_cls)")
@@ -156,7 +138,7 @@ def _blend_entry(metrics: Dict[str, Any]) -> Dict[str, Any]:
 def collect_weights(run_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Path]]:
     """(manifest, {file name in the bundle: source path}) of everything BraTS test-time inference needs."""
     rp = RunPaths.at(run_dir)
-    run_manifest = _json(rp.root / "manifest.json")
+    run_manifest = read_json(rp.root / "manifest.json")
     if run_manifest.get("task", TASK) != TASK:
         raise BundleError(f"{rp.root} is a {run_manifest['task']!r} run, not a {TASK} one")
     metrics = rp.metrics()
@@ -181,7 +163,7 @@ def collect_weights(run_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Path]]
                 "prior": float(prior) if prior is not None else DEFAULT_PRIOR,
                 "prior_source": "metrics.json submission_prior" if prior is not None else "default 0.5",
                 "metrics": {k: v for k, v in metrics.items() if k.startswith("oof_")},
-                "params": _stage_params(run_manifest)}
+                "params": stage_params(run_manifest)}
     return manifest, files
 
 
@@ -193,9 +175,7 @@ def requirements_report(requirements: Optional[PathLike] = None) -> pd.DataFrame
 
 def check_bundle(bundle: Bundle) -> Bundle:
     """BundleError unless `bundle` is a BraTS bundle (ICH manifests carry no `task`)."""
-    if bundle.manifest.get("task") != TASK:
-        raise BundleError(f"bundle {bundle.source} holds {bundle.manifest.get('task', 'ich')!r} weights, not {TASK}")
-    return bundle
+    return check_task(bundle, TASK)
 
 
 def prepare_test(data: BratsData, rp: RunPaths, bundle: Bundle, workers: Optional[int] = None,
@@ -292,15 +272,9 @@ def compare_with_run(sub: PathLike, run_dir: PathLike, written: List[Path]) -> O
 
 def cleanup(rp: RunPaths) -> None:
     """Delete the test series cache and stacks (a kernel's working directory is its saved output)."""
-    for folder in (rp.root / "cache", rp.root / "stacks"):
-        shutil.rmtree(folder, ignore_errors=True)
+    runtime.cleanup(rp, ("cache", "stacks"))
 
 
 def write_summary(rp: RunPaths, bundle: Bundle, values: Dict[str, Any]) -> Dict[str, Any]:
     """inference/inference.json (+ its numbers in inference/metrics.json): timings, counts, the bundle's run."""
-    info = {"inference_bundle": bundle.source, "inference_code": str(Path(__file__).resolve().parents[2]),
-            "inference_run": bundle.manifest.get("run"),
-            "inference_weights_commit": bundle.manifest.get("git_commit"), "inference_prior": bundle.manifest["prior"],
-            **values}
-    atomic_write_text(rp.root / "inference.json", json.dumps(info, indent=2, default=str))
-    return rp.update_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
+    return runtime.write_summary(rp, bundle, {"inference_prior": bundle.manifest["prior"], **values})

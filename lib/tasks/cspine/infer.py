@@ -17,8 +17,6 @@ the native CT -> `pipeline.fold_mean_test` per classifier -> `pipeline.apply_ens
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,9 +24,10 @@ import pandas as pd
 import torch
 
 from lib.kaggle import runtime
-from lib.kaggle.bundle import FORMAT, Bundle, BundleError
+from lib.kaggle.bundle import (FORMAT, Bundle, BundleError, check_task, lookup_artefact, read_json,
+                              stage_params)
 from lib.kaggle.runtime import output_paths, resolve_run_dir, submission_paths  # noqa: F401  (the kernel's names)
-from lib.paths import PathLike, RunPaths, atomic_write_text
+from lib.paths import PathLike, RunPaths
 from lib.tasks.cspine import pipeline
 from lib.tasks.cspine.classify import CSPINE_MODELS, CspineConfig
 from lib.tasks.cspine.data import CspineData, write_submission
@@ -45,40 +44,22 @@ INFERENCE_PACKAGES = ("torch", "torchvision", "timm", "fastai", "monai", "pydico
 
 
 # ---------------------------------------------------------------- collecting a run's weights
-def _json(path: Path) -> Dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _lookup(rp: RunPaths, name: str, stage: str) -> Path:
-    try:
-        return rp.lookup(name)
-    except FileNotFoundError:
-        raise BundleError(f"{rp.root}: no {name!r} artefact recorded: run the {stage} stage first") from None
-
-
-def _stage_params(run_manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    out: Dict[str, Dict[str, Any]] = {}
-    for job in run_manifest.get("stages", []):
-        out.setdefault(job["stage"], {k: v for k, v in job["params"].items() if k not in ("data_dir", "run_dir")})
-    return out
-
-
 def _volumes_entry(rp: RunPaths) -> Dict[str, Any]:
-    folder = _lookup(rp, "volume_cache", "volumes")
-    meta = _json(folder / "meta.json")
+    folder = lookup_artefact(rp, "volume_cache", "volumes")
+    meta = read_json(folder / "meta.json")
     if not {"size", "spacing", "hu_window", "dtype"} <= set(meta):
         raise BundleError(f"{folder / 'meta.json'} lacks the volume grid (size, spacing, hu_window, dtype)")
     return {k: meta[k] for k in ("size", "spacing", "hu_window", "dtype")}
 
 
 def _seg_entry(rp: RunPaths) -> Tuple[Dict[str, Any], Path]:
-    path = _lookup(rp, "seg_model", "train_seg")
+    path = lookup_artefact(rp, "seg_model", "train_seg")
     if not path.is_file():
         raise BundleError(f"segmentation model {path} named by {rp.root / 'artefacts.json'} is missing")
     cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("cfg", {})
     if "arch" not in cfg or "roi" not in cfg:
         raise BundleError(f"{path} is not a lib.tasks.cspine.seg checkpoint (its cfg lacks arch / roi)")
-    masks = _json(rp.root / "masks" / "meta.json")
+    masks = read_json(rp.root / "masks" / "meta.json")
     if "overlap" not in masks:
         raise BundleError(f"{rp.root / 'masks' / 'meta.json'} is missing: run the crops stage first")
     if masks.get("model") != pipeline._identity(path):
@@ -88,8 +69,8 @@ def _seg_entry(rp: RunPaths) -> Tuple[Dict[str, Any], Path]:
 
 
 def _crops_entry(rp: RunPaths) -> Dict[str, Any]:
-    path = _lookup(rp, "crops_train", "crops").parent / "crops_meta.json"
-    meta = _json(path)
+    path = lookup_artefact(rp, "crops_train", "crops").parent / "crops_meta.json"
+    meta = read_json(path)
     keys = ("n_slices", "size", "margin", "window", "threshold", "expected_mm3")
     if not set(keys) <= set(meta):
         raise BundleError(f"{path} is missing or lacks {list(keys)}: rerun the crops stage")
@@ -113,7 +94,7 @@ def _classifier_entry(rp: RunPaths, model: str) -> Tuple[Dict[str, Any], Dict[st
                               "fold model is needed, trained to the end")
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         cfgs.append(dict(ckpt.get("cfg", {})))
-        scores[str(k)] = _json(d / "train_result.json").get("valid_score")
+        scores[str(k)] = read_json(d / "train_result.json").get("valid_score")
         files[f"cls_{model}_fold{k}.pth"] = path
     plain = [{k: v for k, v in c.items() if k not in RUNTIME_KEYS} for c in cfgs]
     if any(c != plain[0] for c in plain) or plain[0].get("model") != model:
@@ -138,7 +119,7 @@ def _ensemble_entry(rp: RunPaths) -> Tuple[Dict[str, Any], Path]:
 def collect_weights(run_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Path]]:
     """(manifest, {file name in the bundle: source path}) of everything cspine test-time inference needs."""
     rp = RunPaths.at(run_dir)
-    run_manifest = _json(rp.root / "manifest.json")
+    run_manifest = read_json(rp.root / "manifest.json")
     if run_manifest.get("task", TASK) != TASK:
         raise BundleError(f"{rp.root} is a {run_manifest['task']!r} run, not a {TASK} one")
     ensemble, ens_path = _ensemble_entry(rp)
@@ -156,7 +137,7 @@ def collect_weights(run_dir: PathLike) -> Tuple[Dict[str, Any], Dict[str, Path]]
                 "volumes": _volumes_entry(rp), "seg": seg, "crops": _crops_entry(rp), "classifiers": classifiers,
                 "ensemble": ENSEMBLE_FILE, "prior": ensemble["prior"],
                 "metrics": {k: v for k, v in metrics.items() if k.startswith(("oof_", "seg_valid_dice"))},
-                "params": _stage_params(run_manifest)}
+                "params": stage_params(run_manifest)}
     return manifest, files
 
 
@@ -168,9 +149,7 @@ def requirements_report(requirements: Optional[PathLike] = None) -> pd.DataFrame
 
 def check_bundle(bundle: Bundle) -> Bundle:
     """BundleError unless `bundle` is a cspine bundle (ICH manifests carry no `task`)."""
-    if bundle.manifest.get("task") != TASK:
-        raise BundleError(f"bundle {bundle.source} holds {bundle.manifest.get('task', 'ich')!r} weights, not {TASK}")
-    return bundle
+    return check_task(bundle, TASK)
 
 
 def prepare_test(data: CspineData, rp: RunPaths, bundle: Bundle, workers: Optional[int] = None,
@@ -255,14 +234,9 @@ def compare_with_run(sub: PathLike, run_dir: PathLike, written: List[Path]) -> O
 
 def cleanup(rp: RunPaths) -> None:
     """Delete the test volume cache, masks and crops (a kernel's working directory is its saved output)."""
-    for folder in ("cache", "masks", "crops"):
-        shutil.rmtree(rp.root / folder, ignore_errors=True)
+    runtime.cleanup(rp, ("cache", "masks", "crops"))
 
 
 def write_summary(rp: RunPaths, bundle: Bundle, values: Dict[str, Any]) -> Dict[str, Any]:
     """inference/inference.json (+ its numbers in inference/metrics.json): timings, counts, the bundle's run."""
-    info = {"inference_bundle": bundle.source, "inference_code": str(Path(__file__).resolve().parents[2]),
-            "inference_run": bundle.manifest.get("run"),
-            "inference_weights_commit": bundle.manifest.get("git_commit"), **values}
-    atomic_write_text(rp.root / "inference.json", json.dumps(info, indent=2, default=str))
-    return rp.update_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
+    return runtime.write_summary(rp, bundle, values)

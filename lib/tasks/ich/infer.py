@@ -8,8 +8,6 @@ The bundle comes from a packaged weights folder, an attached Kaggle dataset, or 
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,7 +26,7 @@ from lib.tasks.ich import submission
 from lib.tasks.ich.postprocess import any_ge_max
 from lib.kaggle import runtime
 from lib.kaggle.runtime import output_paths, resolve_run_dir, submission_paths  # noqa: F401  (the kernel's names)
-from lib.paths import PathLike, RunPaths, atomic_write_text
+from lib.paths import PathLike, RunPaths
 from lib.tasks.ich.data import CompetitionData
 from lib.sequence.features import SeriesDataset, load_models, open_embedding_set, predict_probs
 
@@ -128,14 +126,9 @@ def compare_with_run(sub: PathLike, run_dir: PathLike, written: List[Path]) -> O
 
 def cleanup(rp: RunPaths) -> None:
     """Delete the test cache and embeddings (a kernel's working directory is its saved output)."""
-    for folder in (rp.root / "cache", rp.root / "embeddings"):
-        shutil.rmtree(folder, ignore_errors=True)
+    runtime.cleanup(rp, ("cache", "embeddings"))
 
 
 def write_summary(rp: RunPaths, bundle: Bundle, values: Dict[str, Any]) -> Dict[str, Any]:
-    """inference/metrics.json: timings, counts, the bundle's run and commit."""
-    info = {"inference_bundle": bundle.source, "inference_code": str(Path(__file__).resolve().parents[2]),
-            "inference_run": bundle.manifest.get("run"),
-            "inference_weights_commit": bundle.manifest.get("git_commit"), **values}
-    atomic_write_text(rp.root / "inference.json", json.dumps(info, indent=2, default=str))
-    return rp.update_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
+    """inference/metrics.json: timings, counts, the bundle's run and commit (`runtime.write_summary`)."""
+    return runtime.write_summary(rp, bundle, values)
